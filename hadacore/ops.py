@@ -1,0 +1,154 @@
+"""``hadacore::*`` custom ops: schemas, fake impls, device dispatch, public wrappers.
+
+Every op is functional (returns a fresh tensor, never aliases or mutates its inputs):
+an in-place Hadamard op whose fake impl returned its input produced garbage under
+torch.compile + CUDA graphs elsewhere. CPU and other non-CUDA devices run native
+torch code from ``hadacore.lowering``; CUDA runs the Triton kernels in
+``hadacore.kernels``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hadacore.hadamard import hadamard_factors
+from hadacore.quant.format import check_gptq_tensors, dequantize_gptq
+
+__all__ = ["hadamard_transform", "w4a16_matmul"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- hadamard
+
+
+def check_hadamard_args(x: Tensor, signs: Optional[Tensor], perm: Optional[Tensor]) -> int:
+    """Validate a Hadamard call (metadata only, so fake tensors pass through); return n."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("hadamard_transform needs at least one dimension")
+    n = x.shape[-1]
+    hadamard_factors(int(n))
+    if signs is not None and (signs.shape != (n,) or signs.device != x.device):
+        raise ValueError(f"signs must be a [{n}] tensor on {x.device}, got {tuple(signs.shape)} on {signs.device}")
+    if perm is not None and (perm.shape != (n,) or perm.dtype.is_floating_point or perm.device != x.device):
+        raise ValueError(f"perm must be an integer [{n}] tensor on {x.device}")
+    return n
+
+
+@torch.library.custom_op("hadacore::hadamard", mutates_args=())
+def hadamard(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> Tensor:
+    """``out = (scale * (x * signs) @ hadamard_matrix(n))[..., perm]`` along the last dim.
+
+    ``signs`` (optional, [n], +-1) are applied to the input columns (randomised
+    Hadamard); ``perm`` (optional, [n]) gathers output columns. fp32 accumulation,
+    one rounding to ``x.dtype``.
+    """
+    from hadacore.lowering.hadamard import hadamard_native
+
+    check_hadamard_args(x, signs, perm)
+    return hadamard_native(x, scale, signs, perm)
+
+
+@hadamard.register_kernel("cuda")
+def _hadamard_cuda(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> Tensor:
+    from hadacore.kernels.hadamard import hadamard_triton
+
+    check_hadamard_args(x, signs, perm)
+    return hadamard_triton(x, scale, signs=signs, perm=perm)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> Tensor:
+    check_hadamard_args(x, signs, perm)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def hadamard_transform(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale * x @ H_n`` along the last dim, ``H_n = hadacore.hadamard_matrix(n)`` (entries +-1).
+
+    Supported n: ``2**k`` (k <= 15) and ``m * 2**k`` for m in ``HADAMARD_BASES``.
+    Returns a new contiguous tensor of x's dtype; any input strides are honoured.
+    """
+    return hadamard(x, float(scale))
+
+
+# --------------------------------------------------------------------------- W4A16
+
+
+@torch.library.custom_op("hadacore::gptq_dequantize", mutates_args=())
+def gptq_dequantize(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optional[Tensor], group_size: int, bits: int = 4
+) -> Tensor:
+    """``W [N, K]`` in the scales' dtype from GPTQ v1 tensors (the unfused reference)."""
+    return dequantize_gptq(qweight, qzeros, scales, g_idx, group_size, bits)
+
+
+@gptq_dequantize.register_fake
+def _gptq_dequantize_fake(qweight, qzeros, scales, g_idx, group_size, bits=4):
+    n, k, _ = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
+    return scales.new_empty((n, k))
+
+
+@torch.library.custom_op("hadacore::w4a16_gemm", mutates_args=())
+def w4a16_gemm(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Optional[Tensor],
+    bias: Optional[Tensor],
+    group_size: int,
+    split_k: int = 0,
+    deterministic: bool = False,
+) -> Tensor:
+    """``x @ dequant(W).T + bias`` in x's dtype. ``split_k=0`` means automatic."""
+    from hadacore.lowering.w4a16 import w4a16_gemm_native
+
+    check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
+    return w4a16_gemm_native(x, qweight, qzeros, scales, g_idx, bias, group_size)
+
+
+@w4a16_gemm.register_kernel("cuda")
+def _w4a16_gemm_cuda(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k=0, deterministic=False):
+    from hadacore.kernels.w4a16 import w4a16_matmul_triton
+
+    check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
+    return w4a16_matmul_triton(
+        x, qweight, qzeros, scales, g_idx, group_size=group_size, bias=bias,
+        split_k=split_k or "auto", deterministic=deterministic,
+    )
+
+
+@w4a16_gemm.register_fake
+def _w4a16_gemm_fake(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k=0, deterministic=False):
+    n, _, _ = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def w4a16_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Optional[Tensor] = None,
+    *,
+    group_size: int,
+    bias: Optional[Tensor] = None,
+    split_k: int | str = "auto",
+    deterministic: bool = False,
+) -> Tensor:
+    """``x [..., K] -> [..., N]``: exactly ``x @ dequant(W).T (+ bias)`` up to accumulation order.
+
+    ``split_k``: ``"auto"`` or a positive int (CUDA); ``deterministic=True`` makes the
+    SplitK reduction a fixed-order one so repeated runs are bitwise equal.
+    """
+    if split_k == "auto":
+        split_k = 0
+    elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be 'auto' or a positive int, got {split_k!r}")
+    return w4a16_gemm(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k, deterministic)

@@ -1,0 +1,198 @@
+"""GPTQ checkpoint tensors: pack, unpack, dequantize, validate.
+
+Layout (AutoGPTQ / Hugging Face / vLLM "gptq" = v1), for a linear ``y = x W^T`` with
+``W [N, K]`` and ``G`` quantization groups along K:
+
+- ``qweight`` int32 ``[K*bits/32, N]``: packed along K; value ``i`` of a word sits at
+  bits ``bits*i .. bits*i + bits-1``.
+- ``qzeros`` int32 ``[G, N*bits/32]``: packed along N, each stored as ``zero - 1``
+  (v1; ``gptq_v2`` stores ``zero``). Readers here mask after adding 1, so a zero of 0
+  (stored as 15 after the wrap) round-trips; readers that do not mask see 16.
+- ``scales`` ``[G, N]`` in the model dtype; ``g_idx`` int32 ``[K]``: group of input column k.
+
+``W[n, k] = (q[n, k] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pack_gptq", "unpack_gptq", "dequantize_gptq", "check_gptq_tensors", "default_g_idx"]
+
+_FORMATS = ("gptq", "gptq_v2")
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    return 32 // bits
+
+
+def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same bit pattern."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``vals [R*per, C]`` (ints in [0, 2**bits)) along dim 0 into int32 ``[R, C]``."""
+    per = 32 // bits
+    v = vals.to(torch.int64).reshape(vals.shape[0] // per, per, vals.shape[1])
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=vals.device).view(1, per, 1)
+    return _to_int32_bits((v << shifts).sum(dim=1))
+
+
+def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows`: int32 ``[R, C]`` -> int32 ``[R*per, C]``."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, per, 1)
+    v = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return v.reshape(words.shape[0] * per, words.shape[1])
+
+
+def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """``k // group_size`` (all zeros for per-channel, ``group_size == -1``)."""
+    k = torch.arange(in_features, dtype=torch.int32, device=device)
+    return torch.zeros_like(k) if group_size == -1 else k // group_size
+
+
+def pack_gptq(
+    intweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    bits: int = 4,
+    *,
+    checkpoint_format: str = "gptq",
+) -> dict[str, torch.Tensor]:
+    """GPTQ tensors from ``intweight [N, K]`` in ``[0, 2**bits)``, ``scales``/``zeros [G, N]``.
+
+    ``g_idx`` defaults to contiguous groups of ``K // G`` columns.
+    """
+    per = _check_bits(bits)
+    if checkpoint_format not in _FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
+    if intweight.dim() != 2:
+        raise ValueError(f"intweight must be [N, K], got shape {tuple(intweight.shape)}")
+    n, k = intweight.shape
+    if k % per or n % per:
+        raise ValueError(f"N ({n}) and K ({k}) must be multiples of {per} for {bits}-bit packing")
+    if scales.dim() != 2 or scales.shape[1] != n or zeros.shape != scales.shape:
+        raise ValueError(
+            f"scales and zeros must both be [G, N={n}], got {tuple(scales.shape)} and {tuple(zeros.shape)}"
+        )
+    maxq = (1 << bits) - 1
+    if intweight.numel() and (int(intweight.min()) < 0 or int(intweight.max()) > maxq):
+        raise ValueError(f"intweight values must lie in [0, {maxq}]")
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > maxq):
+        raise ValueError(f"zeros must lie in [0, {maxq}]")
+    groups = scales.shape[0]
+    if g_idx is None:
+        if k % groups:
+            raise ValueError(f"K ({k}) is not a multiple of the {groups} groups; pass g_idx")
+        g_idx = torch.arange(k, device=intweight.device) // (k // groups)
+    if g_idx.shape != (k,) or (k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups)):
+        raise ValueError(f"g_idx must be [K={k}] with values in [0, {groups})")
+    stored = zeros.to(torch.int64) - (1 if checkpoint_format == "gptq" else 0)
+    stored = stored & maxq  # v1: a zero of 0 wraps to maxq
+    return {
+        "qweight": _pack_rows(intweight.t(), bits),
+        "qzeros": _pack_rows(stored.t(), bits).t().contiguous(),
+        "scales": scales.contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(
+    tensors: dict[str, torch.Tensor], bits: int = 4, *, checkpoint_format: str = "gptq"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(intweight [N, K], scales [G, N], zeros [G, N], g_idx [K])``; exact inverse of pack."""
+    _check_bits(bits)
+    if checkpoint_format not in _FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    intweight = _unpack_rows(qweight, bits).t().contiguous()
+    maxq = (1 << bits) - 1
+    zeros = _unpack_rows(qzeros.t(), bits).t()
+    if checkpoint_format == "gptq":
+        zeros = (zeros + 1) & maxq
+    g_idx = tensors.get("g_idx")
+    if g_idx is None:
+        k, groups = intweight.shape[1], scales.shape[0]
+        g_idx = torch.arange(k, dtype=torch.int32, device=qweight.device) // (k // groups)
+    return intweight, scales, zeros.contiguous(), g_idx.to(torch.int32)
+
+
+def check_gptq_tensors(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    group_size: int,
+    *,
+    bits: int = 4,
+    x: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[int, int, int]:
+    """Validate shapes/dtypes/devices of a GPTQ linear; return ``(N, K, G)``.
+
+    Uses only metadata, so it runs unchanged on fake tensors and symbolic shapes.
+    """
+    per = _check_bits(bits)
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise TypeError(f"qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
+    if not scales.dtype.is_floating_point:
+        raise TypeError(f"scales must be floating point, got {scales.dtype}")
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+        raise ValueError("qweight, qzeros and scales must be 2-D")
+    k, n = qweight.shape[0] * per, qweight.shape[1]
+    groups = scales.shape[0]
+    if scales.shape[1] != n or qzeros.shape[0] != groups or qzeros.shape[1] * per != n:
+        raise ValueError(
+            f"inconsistent GPTQ shapes: qweight {tuple(qweight.shape)} (K={k}, N={n}), "
+            f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}"
+        )
+    if group_size == -1:
+        if groups != 1:
+            raise ValueError(f"per-channel (group_size=-1) needs 1 group, scales has {groups}")
+    elif group_size <= 0 or k % group_size:
+        raise ValueError(f"K ({k}) must be a multiple of group_size ({group_size}), and of {per}")
+    elif g_idx is None and groups != k // group_size:
+        raise ValueError(f"K={k} with group_size={group_size} needs {k // group_size} groups, scales has {groups}")
+    if g_idx is not None and (g_idx.dim() != 1 or g_idx.shape[0] != k or g_idx.dtype.is_floating_point):
+        raise ValueError(f"g_idx must be an integer [K={k}] tensor, got {g_idx.dtype} {tuple(g_idx.shape)}")
+    if x is not None:
+        if x.shape[-1] != k:
+            raise ValueError(f"x has {x.shape[-1]} input features, the weight has K={k}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+        for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx), ("bias", bias)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
+    return n, k, groups
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    group_size: int,
+    bits: int = 4,
+    *,
+    checkpoint_format: str = "gptq",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``W [N, K]`` in ``dtype`` (default: the scales' dtype), computed in fp32 (exact)."""
+    check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
+    q, _, zeros, gi = unpack_gptq(
+        {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+        if g_idx is not None
+        else {"qweight": qweight, "qzeros": qzeros, "scales": scales},
+        bits,
+        checkpoint_format=checkpoint_format,
+    )
+    gi = gi.long()
+    w = (q.float() - zeros.t()[:, gi].float()) * scales.t()[:, gi].float()
+    return w.to(dtype or scales.dtype)
