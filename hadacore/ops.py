@@ -152,3 +152,40 @@ def w4a16_matmul(
     elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be 'auto' or a positive int, got {split_k!r}")
     return w4a16_gemm(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k, deterministic)
+
+
+# --------------------------------------------------------------------------- compiler-only ops
+# Ops the torch.compile backend (hadacore.backend) inserts; not part of the public API.
+
+_FP8_E4M3_MAX = 448.0
+
+
+@torch.library.custom_op("hadacore::fp8_qdq", mutates_args=())
+def fp8_qdq(x: Tensor, hadamard_scale: float = 0.0) -> Tensor:
+    """Per-head FP8 (e4m3) quantize-dequantize of attention inputs ``x [..., S, D]``.
+
+    One scale per head (``amax`` over the last two dims / 448). With ``hadamard_scale != 0``
+    the rows are first rotated, ``hadamard(x, hadamard_scale)`` along D (R3 fused with the
+    quantization). Computed in fp32, returned in x's dtype: the emulation of FP8 attention.
+    """
+    from hadacore.lowering.hadamard import hadamard_native
+
+    if x.dim() < 2:
+        raise ValueError(f"fp8_qdq needs [..., S, D], got shape {tuple(x.shape)}")
+    y = x.float()
+    if hadamard_scale != 0.0:
+        check_hadamard_args(x, None, None)
+        y = hadamard_native(y, hadamard_scale)
+    amax = y.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
+    scale = amax / _FP8_E4M3_MAX
+    q = (y / scale).clamp(-_FP8_E4M3_MAX, _FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+@fp8_qdq.register_fake
+def _fp8_qdq_fake(x: Tensor, hadamard_scale: float = 0.0) -> Tensor:
+    if x.dim() < 2:
+        raise ValueError(f"fp8_qdq needs [..., S, D], got shape {tuple(x.shape)}")
+    if hadamard_scale != 0.0:
+        check_hadamard_args(x, None, None)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
