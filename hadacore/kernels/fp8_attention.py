@@ -1,0 +1,237 @@
+"""Triton FP8 attention (flash-attention forward) for ``hadacore::fp8_attention``.
+
+One program owns ``BLOCK_M`` query rows of one (batch, query head) and streams the KV
+sequence in ``BLOCK_N`` blocks with the online softmax (running row max ``m``, running
+sum ``l``, rescaled fp32 accumulator), as in Triton's fused-attention tutorial:
+
+* ``S = Q8 @ K8^T``: FP8 e4m3 operands (``tl.dot`` on FP8 tensor cores, sm89+), fp32
+  accumulation; the per-head dequantization scales ``s_q * s_k``, the softmax scale and
+  ``log2(e)`` are folded into one scalar that multiplies the fp32 scores (``exp2`` softmax).
+* causal masking with SDPA's top-left alignment (query ``i`` sees keys ``j <= i``); the KV
+  loop stops at the diagonal block, so masked-out blocks are never loaded;
+* ``O += P @ V`` with V in its input dtype (16-bit; P rounded to it), fp32 accumulation;
+* GQA by index: query head ``h`` reads KV head ``h // GROUP`` (no repeated K/V in memory);
+* any ``S``/``S_kv`` (masked tails) and any ``D`` up to 256 (padded to a power of two in
+  registers, masked in memory); any strides.
+
+Operands of other dtypes take the same kernel: 16-bit Q/K (``quantize=False``, or FP8
+values widened exactly to fp16 on GPUs without FP8 dots) and fp32 (``ieee`` dots, never
+tf32). The Triton interpreter (``TRITON_INTERPRET=1``, triton 3.9) runs FP8 dots exactly
+but reads bf16 dot operands as raw bits, so under it bf16 dot operands are widened to fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hadacore.lowering.fp8_attention import check_attention_args, prepare_qk
+
+__all__ = ["attention_fwd_triton", "fp8_attention_triton", "supports_fp8_dot"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, QScale, KScale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    HQ, HKV, S_Q, S_KV, D, GROUP, qk_scale_log2,
+    IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    QK_F32: tl.constexpr, PV_F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    hkv = hq // GROUP
+    # One fp32 scalar turns the FP8 integer-ish scores into log2-domain logits.
+    s_qk = tl.load(QScale + pid_bh) * tl.load(KScale + b * HKV + hkv) * qk_scale_log2
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < S_Q
+    d_ok = offs_d < D
+
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    o_base = Out + b64 * stride_ob + hq.to(tl.int64) * stride_oh
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if QK_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = S_KV
+    if IS_CAUSAL:  # keys past this block's last query row are masked for every row
+        hi = tl.minimum(S_KV, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < S_KV
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if QK_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * s_qk
+        valid = n_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key yet keeps m = -inf; subtract 0 there instead (no inf - inf).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        if PV_F32:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    out = acc / l_i[:, None]  # every real row sees key 0, so l_i > 0
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _interpreting() -> bool:
+    return not isinstance(_attention_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+def supports_fp8_dot(device: torch.device) -> bool:
+    """FP8 ``tl.dot``: CUDA sm89+ (Ada, Hopper, Blackwell), and the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _interpreting()
+
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    return max(lo, 1 << max(0, (v - 1).bit_length()))
+
+
+def attention_fwd_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_scale: Tensor,
+    k_scale: Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    out_dtype: torch.dtype,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``softmax((q * q_scale) (k * k_scale)^T * scale [causal]) @ v`` with the Triton kernel.
+
+    ``q [B, Hq, S, D]`` and ``k [B, Hkv, S_kv, D]`` of one dtype (float8_e4m3fn, fp16, bf16
+    or fp32), ``q_scale [B, Hq]`` / ``k_scale [B, Hkv]`` fp32, ``v [B, Hkv, S_kv, D]``
+    fp16/bf16/fp32. Returns a new contiguous ``[B, Hq, S, D]`` tensor of ``out_dtype``.
+    ``block_m``/``block_n`` override the tile sizes (powers of two >= 16); ``out`` (optional)
+    is a contiguous tensor of that shape and dtype to write into.
+    """
+    bsz, hq, s_q, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    if q.dtype != k.dtype:
+        raise TypeError(f"attention_fwd_triton: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if d > 256:
+        raise ValueError(f"attention_fwd_triton: head_dim {d} > 256 is not supported")
+    shape = (bsz, hq, s_q, d)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=q.device)
+    elif tuple(out.shape) != shape or out.dtype != out_dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(
+            f"attention_fwd_triton: out must be a contiguous {out_dtype} tensor of shape {shape} on {q.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if out.numel() == 0:
+        return out
+    q_scale = q_scale.to(torch.float32).contiguous()
+    k_scale = k_scale.to(torch.float32).contiguous()
+
+    interp = _interpreting()
+    qk_f32 = q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16)
+    pv_f32 = v.dtype == torch.float32 or (interp and v.dtype == torch.bfloat16)
+    # FP8 tensor-core dots need K >= 32; fp32 dots hold more registers: smaller M tiles.
+    block_d = _pow2_at_least(d, 32 if q.dtype == torch.float8_e4m3fn else 16)
+    if interp:
+        bm, bn, warps, stages = 16, 16, 4, 1
+    elif qk_f32 or pv_f32 or block_d > 128:
+        bm, bn, warps, stages = 64, 32, 4, 2
+    else:
+        bm, bn, warps, stages = 128, 64, 8, 3
+    bm, bn = block_m or bm, block_n or bn
+    for name, blk in (("block_m", bm), ("block_n", bn)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"attention_fwd_triton: {name} must be a power of two >= 16, got {blk}")
+
+    grid = (triton.cdiv(s_q, bm), bsz * hq)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, q_scale, k_scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        hq, hkv, s_q, s_kv, d, hq // hkv, float(scale) * _LOG2E,
+        IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        QK_F32=qk_f32, PV_F32=pv_f32, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def fp8_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    rotate: bool = True,
+    quantize: bool = True,
+    fp8_dot: Optional[bool] = None,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``hadacore::fp8_attention`` in Triton (semantics: :mod:`hadacore.lowering.fp8_attention`).
+
+    R3 and the per-head FP8 quantization run as torch ops (:func:`prepare_qk`, shared with
+    the CPU emulation), then one attention kernel. ``fp8_dot`` (default: when the device
+    supports it) feeds the FP8 tensors to ``tl.dot``; ``False`` widens the same FP8 values
+    to fp16 (exact) for 16-bit dots -- identical products, for GPUs before sm89. Runs on
+    CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``.
+    """
+    check_attention_args(q, k, v, rotate)
+    d = q.shape[-1]
+    q_op, k_op, sq, sk = prepare_qk(q, k, rotate=rotate, quantize=quantize)
+    if quantize:
+        if fp8_dot is None:
+            fp8_dot = supports_fp8_dot(q.device)
+        if not fp8_dot:
+            q_op, k_op = q_op.to(torch.float16), k_op.to(torch.float16)
+    elif rotate and q.dtype != torch.float32:
+        q_op, k_op = q_op.to(q.dtype), k_op.to(q.dtype)  # one rounding of the rotated values
+    return attention_fwd_triton(
+        q_op, k_op, v, sq, sk,
+        is_causal=is_causal, scale=1.0 / math.sqrt(d) if scale is None else scale,
+        out_dtype=q.dtype, block_m=block_m, block_n=block_n, out=out,
+    )
