@@ -130,6 +130,39 @@ def _w4a16_gemm_fake(x, qweight, qzeros, scales, g_idx, bias, group_size, split_
     return x.new_empty((*x.shape[:-1], n))
 
 
+@torch.library.custom_op("hadacore::w4a16_gemm_cpu", mutates_args=(), device_types="cpu")
+def w4a16_gemm_cpu(
+    x: Tensor,
+    packed: Optional[Tensor],
+    scales_and_zeros: Optional[Tensor],
+    weight: Optional[Tensor],
+    perm: Optional[Tensor],
+    bias: Optional[Tensor],
+    group_size: int,
+    out_features: int,
+    int4_max_m: int,
+) -> Tensor:
+    """W4A16 GEMM on a weight prepared once (``hadacore.lowering.w4a16.prepare_w4a16_cpu``).
+
+    What the compiler emits on CPU, with the prepared tensors as graph constants: the
+    int4 kernel for M <= ``int4_max_m`` (or when no dense weight is kept), bf16 BLAS on
+    the dense weight above it. Computes in bf16 whatever x's dtype (16-bit activations
+    are the W4A16 contract); returns x's dtype.
+    """
+    from hadacore.lowering.w4a16 import check_prepared_args, w4a16_gemm_prepared
+
+    check_prepared_args(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features)
+    return w4a16_gemm_prepared(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features, int4_max_m)
+
+
+@w4a16_gemm_cpu.register_fake
+def _w4a16_gemm_cpu_fake(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features, int4_max_m):
+    from hadacore.lowering.w4a16 import check_prepared_args
+
+    check_prepared_args(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def w4a16_matmul(
     x: Tensor,
     qweight: Tensor,

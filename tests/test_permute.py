@@ -23,7 +23,7 @@ def _act_order_tensors(gen, n=N, k=K, gs=GS):
     g_idx[order] = (torch.arange(k) // gs).to(torch.int32)
     q = torch.randint(0, 16, (n, k), generator=gen)
     scales = torch.rand(k // gs, n, generator=gen) + 0.1
-    zeros = torch.randint(0, 16, (k // gs, n), generator=gen)
+    zeros = torch.randint(1, 17, (k // gs, n), generator=gen)  # GPTQ v1 zeros are 1..16
     return pack_gptq(q, scales, zeros, g_idx)
 
 
@@ -71,7 +71,7 @@ def test_concat_output_rows(gen):
     base = _act_order_tensors(gen)
     parts = [base] + [
         pack_gptq(torch.randint(0, 16, (n, K), generator=gen), torch.rand(K // GS, n, generator=gen),
-                  torch.randint(0, 16, (K // GS, n), generator=gen), base["g_idx"])
+                  torch.randint(1, 17, (K // GS, n), generator=gen), base["g_idx"])
         for n in (16, 8)
     ]
     fused = concat_output_rows(parts)

@@ -6,9 +6,13 @@ Layout (AutoGPTQ / Hugging Face / vLLM "gptq" = v1), for a linear ``y = x W^T`` 
 - ``qweight`` int32 ``[K*bits/32, N]``: packed along K; value ``i`` of a word sits at
   bits ``bits*i .. bits*i + bits-1``.
 - ``qzeros`` int32 ``[G, N*bits/32]``: packed along N, each stored as ``zero - 1``
-  (v1; ``gptq_v2`` stores ``zero``). Readers here mask after adding 1, so a zero of 0
-  (stored as 15 after the wrap) round-trips; readers that do not mask see 16.
+  (v1; ``gptq_v2`` stores ``zero``). v1 readers (AutoGPTQ, exllama, vLLM) add 1 to the
+  masked field without masking again, so a v1 zero lies in ``[1, 2**bits]``: a stored 15
+  reads as 16, and a zero of 0 cannot be stored at all (writers that wrapped it produced
+  checkpoints every reader takes as 16). :func:`pack_gptq` therefore rejects zero 0 in v1
+  (hadacore's quantizers never emit it); ``gptq_v2`` stores zeros in ``[0, 2**bits)``.
 - ``scales`` ``[G, N]`` in the model dtype; ``g_idx`` int32 ``[K]``: group of input column k.
+  Per-channel quantization is ``group_size == -1`` with ``G == 1``.
 
 ``W[n, k] = (q[n, k] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
 """
@@ -49,6 +53,15 @@ def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     return v.reshape(words.shape[0] * per, words.shape[1])
 
 
+def _unpack_nk(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight [K*bits/32, N]`` -> int32 ``[N, K]`` (W's orientation)."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+    words = qweight.t().contiguous()  # [N, K/per]
+    n = words.shape[0]
+    return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(n, words.shape[1] * per)
+
+
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     """``k // group_size`` (all zeros for per-channel, ``group_size == -1``)."""
     k = torch.arange(in_features, dtype=torch.int32, device=device)
@@ -83,8 +96,13 @@ def pack_gptq(
     maxq = (1 << bits) - 1
     if intweight.numel() and (int(intweight.min()) < 0 or int(intweight.max()) > maxq):
         raise ValueError(f"intweight values must lie in [0, {maxq}]")
-    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > maxq):
-        raise ValueError(f"zeros must lie in [0, {maxq}]")
+    lo, hi = (1, maxq + 1) if checkpoint_format == "gptq" else (0, maxq)
+    if zeros.numel() and (int(zeros.min()) < lo or int(zeros.max()) > hi):
+        hint = (
+            " (v1 stores zero-1, so zero 0 is not representable: quantize with zero >= 1 "
+            "or use checkpoint_format='gptq_v2')" if checkpoint_format == "gptq" else ""
+        )
+        raise ValueError(f"zeros must lie in [{lo}, {hi}] for {checkpoint_format!r}{hint}")
     groups = scales.shape[0]
     if g_idx is None:
         if k % groups:
@@ -93,7 +111,6 @@ def pack_gptq(
     if g_idx.shape != (k,) or (k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups)):
         raise ValueError(f"g_idx must be [K={k}] with values in [0, {groups})")
     stored = zeros.to(torch.int64) - (1 if checkpoint_format == "gptq" else 0)
-    stored = stored & maxq  # v1: a zero of 0 wraps to maxq
     return {
         "qweight": _pack_rows(intweight.t(), bits),
         "qzeros": _pack_rows(stored.t(), bits).t().contiguous(),
@@ -110,11 +127,10 @@ def unpack_gptq(
     if checkpoint_format not in _FORMATS:
         raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-    intweight = _unpack_rows(qweight, bits).t().contiguous()
-    maxq = (1 << bits) - 1
+    intweight = _unpack_nk(qweight, bits)
     zeros = _unpack_rows(qzeros.t(), bits).t()
     if checkpoint_format == "gptq":
-        zeros = (zeros + 1) & maxq
+        zeros = zeros + 1  # no mask after the +1: exactly what v1 readers compute
     g_idx = tensors.get("g_idx")
     if g_idx is None:
         k, groups = intweight.shape[1], scales.shape[0]
@@ -184,15 +200,25 @@ def dequantize_gptq(
     checkpoint_format: str = "gptq",
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``W [N, K]`` in ``dtype`` (default: the scales' dtype), computed in fp32 (exact)."""
-    check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
-    q, _, zeros, gi = unpack_gptq(
-        {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
-        if g_idx is not None
-        else {"qweight": qweight, "qzeros": qzeros, "scales": scales},
-        bits,
-        checkpoint_format=checkpoint_format,
-    )
-    gi = gi.long()
-    w = (q.float() - zeros.t()[:, gi].float()) * scales.t()[:, gi].float()
+    """``W [N, K]`` in ``dtype`` (default: the scales' dtype), contiguous.
+
+    ``(q - zero) * scale`` is formed in fp32 with one rounding (the product), then cast:
+    the reference every kernel is compared against.
+    """
+    n, k, groups = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
+    if checkpoint_format not in _FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
+    zeros = _unpack_rows(qzeros.t(), bits).t().float()  # [G, N]
+    if checkpoint_format == "gptq":
+        zeros += 1
+    zeros_t, scales_t = zeros.t(), scales.float().t()  # [N, G]
+    # Unpack in W's own [N, K] orientation (transposing the packed words is 8x cheaper
+    # than transposing W) and update in place: big fresh temporaries dominate on CPU.
+    w = _unpack_nk(qweight, bits).float()
+    gs = k // groups
+    if g_idx is None or torch.equal(g_idx, default_g_idx(k, gs, device=g_idx.device).to(g_idx.dtype)):
+        w.view(n, groups, gs).sub_(zeros_t[:, :, None]).mul_(scales_t[:, :, None])
+    else:
+        gi = g_idx.long()
+        w.sub_(zeros_t[:, gi]).mul_(scales_t[:, gi])
     return w.to(dtype or scales.dtype)

@@ -2,7 +2,12 @@
 
 The grid is GPTQ's: asymmetric ranges include 0 (``xmin <= 0 <= xmax``); symmetric uses
 ``scale = 2 * amax / maxq`` with zero ``(maxq + 1) / 2`` (8 for 4 bits), so stored
-symmetric checkpoints carry zero 8, as every GPTQ loader expects.
+symmetric checkpoints carry zero 8, as every GPTQ loader expects. An asymmetric range
+whose zero would round to 0 (it starts within half a step of 0) gets zero 1 and the step
+``xmax / (maxq - 1)`` instead: GPTQ v1 stores ``zero - 1`` and cannot hold 0.
+
+Every element of ``dequant(quant(w))`` is within half a step of ``w`` (with the step
+actually stored: the integers are rounded on the stored scale's grid).
 """
 
 from __future__ import annotations
@@ -31,13 +36,21 @@ def quant_grid(w: torch.Tensor, bits: int = 4, sym: bool = True) -> tuple[torch.
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
         zero = torch.round(-xmin / scale)
+        at0 = zero == 0  # then xmax > 0 and xmin > -scale / 2 >= -new scale
+        scale = torch.where(at0, xmax / (maxq - 1), scale)
+        zero = torch.where(at0, torch.ones_like(zero), zero)
     return scale, zero
 
 
 def quantize_rtn(
-    w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True
+    w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(intweight [N, K] int32, scales [G, N] fp32, zeros [G, N] int32)`` for ``w [N, K]``."""
+    """``(intweight [N, K] int32, scales [G, N] in scale_dtype, zeros [G, N] int32)`` for ``w [N, K]``.
+
+    The scales are rounded to ``scale_dtype`` before the weights are, so the integers
+    sit on the grid that is stored.
+    """
     if w.dim() != 2:
         raise ValueError(f"weight must be [N, K], got {tuple(w.shape)}")
     n, k = w.shape
@@ -47,7 +60,8 @@ def quantize_rtn(
     maxq = (1 << bits) - 1
     groups = w.float().reshape(n, k // gs, gs).transpose(0, 1).reshape(-1, gs)  # [G*N, gs]
     scale, zero = quant_grid(groups, bits, sym)
-    q = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, maxq)
+    scale = scale.to(scale_dtype)
+    q = torch.clamp(torch.round(groups / scale.float()[:, None]) + zero[:, None], 0, maxq)
     intweight = q.reshape(k // gs, n, gs).transpose(0, 1).reshape(n, k).to(torch.int32)
     return intweight, scale.reshape(k // gs, n), zero.reshape(k // gs, n).to(torch.int32)
 
@@ -56,6 +70,6 @@ def rtn_gptq_tensors(
     w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, scale_dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """RTN-quantize ``w [N, K]`` straight into GPTQ v1 tensors (scales in ``scale_dtype``, default w's)."""
-    intweight, scales, zeros = quantize_rtn(w, bits, group_size, sym)
+    intweight, scales, zeros = quantize_rtn(w, bits, group_size, sym, scale_dtype or w.dtype)
     g_idx = default_g_idx(w.shape[1], group_size, device=w.device)
-    return pack_gptq(intweight, scales.to(scale_dtype or w.dtype), zeros, g_idx, bits)
+    return pack_gptq(intweight, scales, zeros, g_idx, bits)
