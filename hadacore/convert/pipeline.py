@@ -1,0 +1,422 @@
+"""The offline pipeline: fold norms -> rotate -> quantize layer by layer -> permute -> save.
+
+:func:`quantize_model` builds the quantized model in memory (a transformers model whose
+linears are :class:`~hadacore.quant.linear.QuantLinear`); :func:`convert` adds loading
+the source and writing the checkpoint.
+
+Act-order and tensor parallelism (DESIGN.md, "Act-order and TP-aware permutation"):
+
+- q/k/v/gate/up are column-parallel (every rank sees the whole input), so they use
+  plain global act-order (an unsorted ``g_idx``, as any desc_act GPTQ checkpoint).
+- down_proj without R4: global act-order, then the TP-aware permutation: down's input
+  columns are sorted by group (``g_idx`` becomes sorted) and gate/up's output rows are
+  permuted the same way, so the gather on down's input disappears exactly; every TP
+  degree then shards down_proj along K into self-contained groups.
+- down_proj with R4: the permutation cannot pass through the online Hadamard, so the
+  ordering is shard-local (blocks of ``K / tp`` columns, each sorted by ``diag H`` on its
+  own) and the R4 Hadamard is block-diagonal per shard; ``g_idx`` stays unsorted
+  inside each shard (the runtime folds that gather into the Hadamard's store).
+- o_proj: act-order within each head when ``head_dim`` is a multiple of the group
+  size (groups never straddle heads, so any head-aligned TP split is self-contained),
+  else within each TP shard.
+- Per-channel (``group_size=-1``): one group, ``g_idx`` is all zeros and already
+  sorted: plain global act-order everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hadacore.convert.modules import BlockHadamardQuantLinear, OnlineHadamardLinear
+from hadacore.convert.rotate import fold_norms, random_signs, rotate_r1, rotate_r2, rotate_r4_weights
+from hadacore.convert.source import ModelShape, check_sizes, model_shape
+from hadacore.quant.gptq import HessianAccumulator, act_order_perm_from_hessian, gptq_quantize
+from hadacore.quant.linear import QuantLinear
+from hadacore.quant.permute import act_order_perm, permute_input_columns, permute_output_rows
+from hadacore.quant.rtn import rtn_gptq_tensors
+
+__all__ = ["ConvertOptions", "QuantizedModel", "rotate_model", "quantize_model", "make_quant_linear", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METHODS = ("gptq", "rtn")
+ROTATIONS = ("none", "offline", "full")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    bits: int = 4
+    group_size: int = 128
+    method: str = "gptq"
+    act_order: bool = True
+    rotate: str = "offline"
+    tp: int = 1
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    dtype: torch.dtype = torch.float16
+    percdamp: float = 0.01
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp must be a positive int, got {self.tp!r}")
+        if self.samples < 1 or self.seqlen < 1 or self.batch_size < 1:
+            raise ValueError("samples, seqlen and batch_size must be positive")
+        if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
+
+    @property
+    def uses_act_order(self) -> bool:
+        return self.method == "gptq" and self.act_order
+
+
+@dataclass
+class QuantizedModel:
+    model: nn.Module
+    shape: ModelShape
+    options: ConvertOptions
+    plan: dict = field(default_factory=dict)  # how act-order was handled per layer kind
+
+    def quantization_config(self) -> dict:
+        o = self.options
+        return {
+            "quant_method": "gptq",
+            "bits": o.bits,
+            "group_size": o.group_size,
+            "desc_act": o.uses_act_order,
+            "sym": True,
+            "checkpoint_format": "gptq",
+            "true_sequential": True,
+            "damp_percent": o.percdamp,
+            "static_groups": False,
+            "lm_head": False,
+        }
+
+    def hadacore_config(self, source: str = "") -> dict:
+        o, s = self.options, self.shape
+        r4 = o.rotate == "full"
+        return {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "method": o.method,
+            "rotations": {"r1": o.rotate != "none", "r2": o.rotate != "none", "r4_weight": r4},
+            "r1": {"kind": "random_hadamard", "seed": o.seed} if o.rotate != "none" else None,
+            "online": {"r4_down_proj": r4, "r3_qk": False},
+            "r4_block_size": s.intermediate // o.tp if r4 else None,
+            "tp_planned": o.tp,
+            "act_order": self.plan,
+            "calibration": {"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed} if o.method == "gptq" else None,
+        }
+
+
+# --------------------------------------------------------------------------- rotation
+
+
+def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, tp: int = 1) -> None:
+    """Fold norms, untie, and apply the offline rotations of ``rotate`` in place (fp, exact)."""
+    shape = model_shape(model.config)
+    fold_norms(model)
+    if rotate in ("offline", "full"):
+        rotate_r1(model, random_signs(shape.hidden, seed))
+        rotate_r2(model, shape.head_dim)
+    if rotate == "full":
+        rotate_r4_weights(model, blocks=tp)
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def make_quant_linear(tensors: dict, *, bits: int, group_size: int, bias: torch.Tensor | None, r4_block: int | None) -> QuantLinear:
+    """The runtime layer for GPTQ tensors; ``r4_block`` = online R4 Hadamard block (None: no R4)."""
+    k = tensors["qweight"].shape[0] * (32 // bits)
+    if r4_block is None or r4_block == k:
+        return QuantLinear.from_tensors(tensors, group_size=group_size, bits=bits, bias=bias, online_hadamard=r4_block is not None)
+    layer = BlockHadamardQuantLinear.from_tensors(tensors, group_size=group_size, bits=bits, bias=bias)
+    layer.hadamard_block = r4_block
+    return layer
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a calibration forward once the wanted inputs are seen."""
+
+
+def _float_linear(module: nn.Module) -> nn.Linear:
+    return module.linear if isinstance(module, OnlineHadamardLinear) else module
+
+
+@torch.no_grad()
+def _capture_layer0_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """``(hidden_states, kwargs)`` of the first decoder layer for each calibration batch."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        h = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((h.detach(), kwargs))
+        raise _Stop
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in ids.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_out(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _hessian(layer: nn.Module, inps, target: nn.Linear) -> HessianAccumulator:
+    """Hessian of ``target``'s inputs over the calibration set; the forward stops right there."""
+    acc = HessianAccumulator(target.in_features)
+
+    def hook(_mod, args):
+        acc.add(args[0])
+        raise _Stop
+
+    handle = target.register_forward_pre_hook(hook)
+    try:
+        for h, kw in inps:
+            try:
+                layer(h, **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return acc
+
+
+class _LayerQuantizer:
+    """Quantizes one decoder layer (RTN, or GPTQ true-sequentially: q/k/v, o, gate/up, down)."""
+
+    def __init__(self, opts: ConvertOptions, shape: ModelShape):
+        self.o, self.shape = opts, shape
+        self.r4_block = shape.intermediate // opts.tp if opts.rotate == "full" else None
+
+    def _bias(self, lin: nn.Linear):
+        return None if lin.bias is None else lin.bias.detach().to(self.o.dtype).clone()
+
+    def _install(self, parent: nn.Module, name: str, tensors: dict, bias, r4: bool = False) -> None:
+        setattr(parent, name, make_quant_linear(
+            tensors, bits=self.o.bits, group_size=self.o.group_size, bias=bias, r4_block=self.r4_block if r4 else None
+        ))
+
+    def _gptq(self, lin: nn.Linear, H: torch.Tensor, perm: torch.Tensor | None = None) -> dict:
+        return gptq_quantize(
+            lin.weight, H, bits=self.o.bits, group_size=self.o.group_size, act_order=self.o.act_order,
+            perm=perm, percdamp=self.o.percdamp, scale_dtype=self.o.dtype,
+        )
+
+    def rtn(self, layer: nn.Module) -> None:
+        for parent, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
+            for name in names:
+                lin = _float_linear(getattr(parent, name))
+                t = rtn_gptq_tensors(lin.weight.detach(), self.o.bits, self.o.group_size, True, scale_dtype=self.o.dtype)
+                self._install(parent, name, t, self._bias(lin), r4=name == "down_proj")
+
+    def gptq(self, layer: nn.Module, inps, step) -> None:
+        o, s = self.o, self.shape
+        at, mlp = layer.self_attn, layer.mlp
+        per_channel = o.group_size == -1
+        ordered = o.act_order
+
+        step("q/k/v")
+        H = _hessian(layer, inps, at.q_proj).H
+        for name in ("q_proj", "k_proj", "v_proj"):
+            lin = getattr(at, name)
+            self._install(at, name, self._gptq(lin, H), self._bias(lin))
+
+        step("o_proj")
+        H = _hessian(layer, inps, at.o_proj).H
+        perm = None
+        if ordered and not per_channel:
+            blocks = s.heads if s.head_dim % o.group_size == 0 else o.tp
+            perm = act_order_perm_from_hessian(H, blocks=blocks)
+        self._install(at, "o_proj", self._gptq(at.o_proj, H, perm), None)
+
+        step("gate/up")
+        H = _hessian(layer, inps, mlp.gate_proj).H
+        gate_up = {name: self._gptq(getattr(mlp, name), H) for name in ("gate_proj", "up_proj")}
+        for name, t in gate_up.items():
+            self._install(mlp, name, t, None)
+
+        step("down_proj")
+        down = mlp.down_proj
+        H = _hessian(layer, inps, _float_linear(down)).H
+        if self.r4_block is not None:
+            perm = act_order_perm_from_hessian(H, blocks=o.tp) if ordered and not per_channel else None
+            self._install(mlp, "down_proj", self._gptq(_float_linear(down), H, perm), None, r4=True)
+            return
+        t = self._gptq(down, H)
+        if ordered and not per_channel:
+            # TP-aware permutation: sort down's columns by group, fold the gather into gate/up.
+            p = act_order_perm(t["g_idx"])
+            t = permute_input_columns(t, p, o.bits)
+            for name, gt in gate_up.items():
+                self._install(mlp, name, permute_output_rows(gt, p, o.bits), None)
+        self._install(mlp, "down_proj", t, None)
+
+
+def _act_order_plan(o: ConvertOptions, shape: ModelShape) -> dict:
+    if not o.uses_act_order:
+        return {"qkv_gate_up": "none", "o_proj": "none", "down_proj": "none"}
+    if o.group_size == -1:
+        return {"qkv_gate_up": "global", "o_proj": "global", "down_proj": "global (per-channel: g_idx all zero)"}
+    o_proj = "head_local" if shape.head_dim % o.group_size == 0 else ("tp_shard_local" if o.tp > 1 else "global")
+    if o.rotate == "full":
+        down = "tp_shard_local (unsorted g_idx within each shard)" if o.tp > 1 else "global (unsorted g_idx)"
+    else:
+        down = "tp_aware_permutation (down_proj g_idx sorted; gate/up rows permuted)"
+    return {"qkv_gate_up": "global", "o_proj": o_proj, "down_proj": down}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torch.Tensor | None = None, *, progress: bool | None = None) -> QuantizedModel:
+    """Rotate and quantize ``model`` (fp32, modified in place) into a QuantLinear model in ``opts.dtype``.
+
+    Streams layer by layer: calibration activations flow through layer ``i`` after layers
+    ``< i`` are quantized, and each layer's float weights are dropped once it is done.
+    """
+    from tqdm.auto import tqdm
+
+    shape = model_shape(model.config)
+    check_sizes(shape, rotate=opts.rotate, tp=opts.tp, group_size=opts.group_size)
+    if opts.method == "gptq":
+        if calibration_ids is None:
+            raise ValueError("GPTQ needs calibration token ids")
+        if calibration_ids.dim() != 2 or calibration_ids.dtype != torch.long:
+            raise ValueError(f"calibration ids must be a LongTensor [samples, seqlen], got {calibration_ids.dtype} {tuple(calibration_ids.shape)}")
+    model = model.float().eval()
+    rotate_model(model, rotate=opts.rotate, seed=opts.seed, tp=opts.tp)
+    plan = _act_order_plan(opts, shape)
+    quantizer = _LayerQuantizer(opts, shape)
+
+    inps = _capture_layer0_inputs(model, calibration_ids, opts.batch_size) if opts.method == "gptq" else None
+    layers = model.model.layers
+    bar = tqdm(total=len(layers), desc=f"{opts.method} w{opts.bits}g{opts.group_size}", unit="layer", disable={True: False, False: True, None: None}[progress])
+    for i, layer in enumerate(layers):
+        def step(name: str, i=i) -> None:
+            bar.set_postfix_str(f"layer {i}: {name}")
+            log.debug("layer %d: %s", i, name)
+
+        if opts.method == "rtn":
+            quantizer.rtn(layer)
+        else:
+            quantizer.gptq(layer, inps, step)
+            step("forward")
+            inps = [(_layer_out(layer(h, **kw)), kw) for h, kw in inps]
+        bar.update(1)
+    bar.close()
+    model.to(opts.dtype)
+    log.info("quantized %d layers (%s, %d-bit, group %d, rotate=%s, tp=%d)", len(layers), opts.method, opts.bits, opts.group_size, opts.rotate, opts.tp)
+    return QuantizedModel(model, shape, opts, plan)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _calibration_ids(calibration, tokenizer, opts: ConvertOptions) -> torch.Tensor:
+    """Token ids ``[samples, seqlen]`` from any accepted ``calibration`` value."""
+    from hadacore import data
+
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype != torch.long:
+            raise ValueError(f"calibration token ids must be a LongTensor [samples, seqlen], got {calibration.dtype} {tuple(calibration.shape)}")
+        return calibration
+    if tokenizer is None:
+        raise ValueError("the source has no tokenizer: pass calibration as a LongTensor [samples, seqlen] of token ids")
+    if calibration is None or calibration == "packaged":
+        text = None
+    elif isinstance(calibration, (str, Path)):
+        p = Path(calibration)
+        if not p.is_file():
+            raise FileNotFoundError(f"calibration file {p} not found (pass a text file, a list of strings, token ids, or None)")
+        text = p.read_text(encoding="utf-8")
+    elif isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
+        text = list(calibration)
+    else:
+        raise TypeError(f"calibration must be a text file path, a list of strings, a LongTensor or None, got {type(calibration).__name__}")
+    return data.calibration_tokens(tokenizer, samples=opts.samples, seqlen=opts.seqlen, seed=opts.seed, text=text)
+
+
+def output_config(qm: QuantizedModel, source: str) -> dict:
+    """config.json of the converted model: a LlamaForCausalLM config + GPTQ + hadacore blocks."""
+    config = qm.model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype"):
+        config.pop(key, None)
+    config.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        tie_word_embeddings=False,
+        dtype=str(qm.options.dtype).removeprefix("torch."),
+        quantization_config=qm.quantization_config(),
+        hadacore=qm.hadacore_config(source),
+    )
+    return config
+
+
+def convert(
+    model_or_path,
+    out_dir: str | Path,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    method: str = "gptq",
+    act_order: bool = True,
+    rotate: str = "offline",
+    tp: int = 1,
+    calibration=None,
+    samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    force: bool = False,
+    dtype: torch.dtype = torch.float16,
+    tokenizer=None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Convert a Llama-family model into a rotated W4A16 GPTQ checkpoint at ``out_dir``.
+
+    ``model_or_path``: a Hugging Face directory (config.json + safetensors), a ``.gguf``
+    file, or an in-memory transformers model (not modified). ``rotate``: "none" (plain
+    GPTQ), "offline" (R1 + R2 folded into weights: still a plain GPTQ checkpoint),
+    "full" (also R4, applied online to down_proj's input at run time). ``calibration``
+    (GPTQ only): a text file path, a list of strings, a LongTensor ``[samples, seqlen]`` of
+    token ids, or None for the packaged text. ``tp``: the tensor-parallel degree the
+    act-order layout and R4 blocks are planned for. Returns the output directory.
+    """
+    from hadacore.convert.checkpoint import DEFAULT_MAX_SHARD_BYTES, check_output_dir, save_checkpoint
+    from hadacore.convert.source import load_source
+
+    opts = ConvertOptions(bits=bits, group_size=group_size, method=method, act_order=act_order, rotate=rotate,
+                          tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype)
+    check_output_dir(out_dir, force)  # fail before the slow part, and again when writing
+    src = load_source(model_or_path, tokenizer=tokenizer,
+                      check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
+    ids = _calibration_ids(calibration, src.tokenizer, opts) if method == "gptq" else None
+    log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
+    qm = quantize_model(src.model, opts, ids)
+    return save_checkpoint(qm.model, output_config(qm, src.description), out_dir, tokenizer=src.tokenizer,
+                           force=force, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
