@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from typing import Any, Optional
 
 import torch
@@ -25,8 +26,11 @@ def is_call(node: Any, targets: tuple, method: Optional[str] = None) -> bool:
     """``node`` calls one of ``targets`` (call_function) or the method ``method``."""
     if not isinstance(node, fx.Node):
         return False
-    if node.op == "call_function" and node.target in targets:
-        return True
+    if node.op == "call_function":
+        # Dynamo graphs call op packets (torch.ops.hadacore.hadamard), passes emit overloads.
+        packet = getattr(node.target, "overloadpacket", None)
+        if node.target in targets or (packet is not None and packet in targets):
+            return True
     return method is not None and node.op == "call_method" and node.target == method
 
 
@@ -130,8 +134,8 @@ class PassContext:
             return True
         grapharg = node.meta.get("grapharg")
         source = getattr(grapharg, "source", None)
-        if source is None:
-            return False
+        if source is None:  # Dynamo drops "grapharg" once the backend returns; its names remain
+            return "_parameters_" in node.name or "_buffers_" in node.name
         name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
         return "_parameters" in name or "_buffers" in name
 
@@ -179,8 +183,6 @@ def node_name(node: fx.Node) -> str:
     source = getattr(grapharg, "source", None)
     if source is not None:
         name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
-        import re
-
         parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)", name)
         words = [a or b for a, b in parts]
         words = [w for w in words if w not in ("_modules", "_parameters", "_buffers", "modules", "self", "L")]

@@ -12,8 +12,8 @@ from hadacore.fxpasses.stats import bump, skip
 
 log = logging.getLogger("hadacore.compiler")
 
-_HADAMARD = torch.ops.hadacore.hadamard.default
-_DEQUANT = torch.ops.hadacore.gptq_dequantize.default
+_HADAMARD = torch.ops.hadacore.hadamard
+_DEQUANT = torch.ops.hadacore.gptq_dequantize
 
 
 def _layer_name(weight_node) -> str:

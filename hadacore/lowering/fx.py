@@ -21,13 +21,13 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from hadacore.fxpasses.context import PassContext, example_value
+from hadacore.fxpasses.context import PassContext, example_value, is_call
 
 __all__ = ["lower", "known_multiple"]
 
 log = logging.getLogger("hadacore.compiler")
 
-_W4A16 = torch.ops.hadacore.w4a16_gemm.default
+_W4A16 = (torch.ops.hadacore.w4a16_gemm,)
 
 
 def known_multiple(size: Any, d: int) -> bool:
@@ -59,7 +59,7 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
 def lower(ctx: PassContext) -> fx.GraphModule:
     """Annotate every fused node with its per-device implementation."""
     for node in ctx.graph.nodes:
-        if node.op == "call_function" and node.target is _W4A16:
+        if is_call(node, _W4A16):
             node.meta["hadacore_lowering"] = choice = _lower_w4a16(ctx, node)
             log.debug("hadacore: %s lowered to %s", node.name, choice)
     ctx.gm.recompile()
