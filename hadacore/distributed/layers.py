@@ -1,0 +1,147 @@
+"""Tensor-parallel quantized linears over a ``torch.distributed`` process group.
+
+Megatron's split: a column-parallel layer owns a slice of the output features and needs
+no communication; a row-parallel layer owns a slice of the input features and sums the
+ranks' partial outputs with one all-reduce. The collectives are the functional ones
+(``torch.distributed._functional_collectives``) so a rank's forward stays one
+``torch.compile`` graph (Dynamo traces them; Inductor lowers them to ``_c10d_functional``).
+
+A row-parallel layer may transform its input shard first, in this order:
+
+1. ``hadamard_block``: a shard-local online Hadamard (R4 with ``I_tp (x) H_b``), applied to
+   each length-``b`` block of the shard; a shard-local permutation is fused into the
+   Hadamard's store through the op's ``perm`` argument when the shard is one block;
+2. ``local_perm``: otherwise, a gather inside the shard (no communication);
+3. ``gather_index``: the naive act-order path: all-gather the full activation from every
+   rank and take the columns this rank's (globally group-sorted) weight shard expects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+import hadacore.ops  # noqa: F401  (registers torch.ops.hadacore.*)
+from hadacore.quant.linear import QuantLinear
+
+__all__ = ["ColumnParallelQuantLinear", "RowParallelQuantLinear", "shard_local_hadamard"]
+
+
+def shard_local_hadamard(x: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``(I (x) H_block / sqrt(block))`` along the last dim of ``x``, then ``[..., perm]``.
+
+    When the shard is a single block the permutation is fused into the Hadamard's store
+    (``hadacore::hadamard``'s ``perm``); with several blocks per shard it is a gather.
+    """
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"the Hadamard block {block} does not divide the shard width {k}")
+    scale = 1.0 / math.sqrt(block)
+    if k == block:
+        return torch.ops.hadacore.hadamard(x, scale, None, perm)
+    y = torch.ops.hadacore.hadamard(x.reshape(*x.shape[:-1], k // block, block), scale, None, None)
+    y = y.reshape(x.shape)
+    return y if perm is None else y.index_select(-1, perm)
+
+
+class ColumnParallelQuantLinear(nn.Module):
+    """This rank's output-feature shard of a quantized linear: ``y_r = x @ W[rows_r].T + b[rows_r]``.
+
+    No communication: the output stays sharded along its last dim.
+    """
+
+    def __init__(self, local: QuantLinear, *, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        if local.online_hadamard:
+            raise ValueError("a column-parallel layer cannot apply an online Hadamard to its (replicated) input")
+        self.linear = local
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:  # local
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"tp_rank={self.tp_rank}, tp_size={self.tp_size}"
+
+
+class RowParallelQuantLinear(nn.Module):
+    """This rank's input-feature shard of a quantized linear, summed over ranks by one all-reduce.
+
+    ``local`` holds ``W[:, cols_r]`` (without bias); ``bias`` is the full bias, added once
+    after the reduction. See the module docstring for the optional input transforms.
+    """
+
+    def __init__(
+        self,
+        local: QuantLinear,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        group: dist.ProcessGroup | None = None,
+        bias: torch.Tensor | None = None,
+        hadamard_block: int | None = None,
+        local_perm: torch.Tensor | None = None,
+        gather_index: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if local.online_hadamard:
+            raise ValueError("pass hadamard_block instead of a QuantLinear with online_hadamard (it must be shard-local)")
+        if local.bias is not None:
+            raise ValueError("the local shard must have no bias; pass the full bias as bias= (added after the all-reduce)")
+        if local_perm is not None and gather_index is not None:
+            raise ValueError("local_perm and gather_index are alternatives: the gathered index already orders the columns")
+        self.linear = local
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.group = group if group is not None else (dist.group.WORLD if tp_size > 1 else None)
+        self.hadamard_block = hadamard_block
+        self.register_buffer("bias", bias)
+        self.register_buffer("local_perm", None if local_perm is None else local_perm.to(torch.int64))
+        self.register_buffer("gather_index", None if gather_index is None else gather_index.to(torch.int64))
+        if gather_index is not None and gather_index.shape[0] != local.in_features:
+            raise ValueError(f"gather_index has {gather_index.shape[0]} entries, the shard has K={local.in_features}")
+
+    @property
+    def in_features(self) -> int:  # local, as seen by the producer (before any gather)
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard_block is not None:
+            x = shard_local_hadamard(x, self.hadamard_block, self.local_perm)
+        elif self.local_perm is not None:
+            x = x.index_select(-1, self.local_perm)
+        if self.gather_index is not None:
+            if self.tp_size > 1:
+                # all_gather_tensor concatenates along gather_dim in rank order.
+                x = funcol.all_gather_tensor(x.contiguous(), gather_dim=x.dim() - 1, group=self.group)
+            x = x.index_select(-1, self.gather_index)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(self._transform_input(x))
+        if self.tp_size > 1:
+            y = funcol.all_reduce(y, "sum", self.group)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"tp_rank={self.tp_rank}, tp_size={self.tp_size}, hadamard_block={self.hadamard_block}, "
+            f"local_perm={self.local_perm is not None}, all_gather={self.gather_index is not None}"
+        )

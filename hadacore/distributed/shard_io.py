@@ -1,0 +1,200 @@
+"""Read one rank's slice of GPTQ tensors, from safetensors files or from memory.
+
+A rank reads only the rows/columns it keeps: contiguous index ranges become one
+``safe_open(...).get_slice(name)[a:b, c:d]``; scattered indices (a permutation that was
+not planned offline) become one read per contiguous run. Packed int4 words are unpacked
+and repacked only where a selection does not fall on whole words, so every result is a
+bit-exact rearrangement of the stored values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol
+
+import torch
+
+from hadacore.quant.format import _pack_rows, _unpack_rows
+
+__all__ = ["TensorSource", "SafetensorsSource", "DictSource", "take", "read_gptq"]
+
+
+class TensorSource(Protocol):
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor: ...
+    def has(self, name: str) -> bool: ...
+
+
+class DictSource:
+    """Tensors already in memory (tests, the converter, benchmarks)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.tensors[name][index].clone()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+
+class SafetensorsSource:
+    """A checkpoint directory: ``model.safetensors`` or an index ``model.safetensors.index.json``."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        index_file = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index_file):
+            with open(index_file) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = ["model.safetensors"]
+            weight_map = None
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for fname in files:
+            full = os.path.join(path, fname)
+            if not os.path.exists(full):
+                raise FileNotFoundError(f"checkpoint file {full} is missing")
+            handle = safe_open(full, framework="pt", device=device)
+            self._handles[fname] = handle
+            for key in handle.keys():
+                self._where[key] = fname
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._where))
+            if missing:
+                raise KeyError(f"tensors listed in the index but absent from the files: {missing[:5]}")
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint")
+        return self._handles[self._where[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self._slice(name)[index]
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+
+def _as_index(index: torch.Tensor | None, size: int) -> torch.Tensor:
+    return torch.arange(size) if index is None else index.to(torch.int64).cpu()
+
+
+def _runs(sorted_unique: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering consecutive values of a sorted, duplicate-free index."""
+    if sorted_unique.numel() == 0:
+        return []
+    breaks = torch.nonzero(sorted_unique[1:] != sorted_unique[:-1] + 1).flatten() + 1
+    starts = torch.cat([torch.tensor([0]), breaks]).tolist()
+    stops = torch.cat([breaks, torch.tensor([sorted_unique.numel()])]).tolist()
+    vals = sorted_unique.tolist()
+    return [(vals[a], vals[b - 1] + 1) for a, b in zip(starts, stops)]
+
+
+def take(src: TensorSource, name: str, indices: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor.index_select`` along each dim in ``indices`` (1-D or 2-D), reading only those entries."""
+    shape = src.shape(name)
+    if len(shape) not in (1, 2):
+        raise ValueError(f"take supports 1-D and 2-D tensors; {name} has shape {shape}")
+    per_dim = []
+    for d, size in enumerate(shape):
+        idx = _as_index(indices.get(d), size)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise IndexError(f"index out of range for dim {d} of {name} {shape}")
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        per_dim.append((_runs(uniq), inverse, bool(uniq.numel() == idx.numel() and torch.equal(uniq, idx))))
+    if len(shape) == 1:
+        runs, inverse, ordered = per_dim[0]
+        out = torch.cat([src.read(name, (slice(a, b),)) for a, b in runs]) if runs else torch.empty(0)
+        return out if ordered else out[inverse]
+    (runs0, inv0, ord0), (runs1, inv1, ord1) = per_dim
+    rows = [torch.cat([src.read(name, (slice(a, b), slice(c, d))) for c, d in runs1], dim=1) for a, b in runs0]
+    out = torch.cat(rows, dim=0)
+    if not ord0:
+        out = out[inv0]
+    if not ord1:
+        out = out[:, inv1]
+    return out.contiguous()
+
+
+def _select_packed_rows(
+    src: TensorSource, name: str, index: torch.Tensor, cols: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Rows ``index`` of the *unpacked* [R*per, C] view of a tensor packed along dim 0, repacked."""
+    per = 32 // bits
+    words = index // per
+    if index.numel() % per == 0:
+        aligned = index.reshape(-1, per)
+        if bool((aligned == aligned[:, :1] + torch.arange(per)).all()) and bool((aligned[:, 0] % per == 0).all()):
+            return take(src, name, {0: aligned[:, 0] // per, **({1: cols} if cols is not None else {})})
+    uniq = torch.unique(words, sorted=True)
+    packed = take(src, name, {0: uniq, **({1: cols} if cols is not None else {})})
+    vals = _unpack_rows(packed, bits)
+    pos = torch.searchsorted(uniq, words) * per + index % per
+    return _pack_rows(vals[pos], bits)
+
+
+def read_gptq(
+    src: TensorSource,
+    prefix: str,
+    *,
+    in_index: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
+    bits: int = 4,
+) -> dict[str, torch.Tensor]:
+    """GPTQ tensors of ``W[out_index][:, in_index]`` (and ``bias[out_index]`` if stored).
+
+    Keeps exactly the groups the selected columns reference (re-based, in group order),
+    so a group-aligned K-shard of a sorted weight keeps its own groups and an act-order
+    shard keeps every group it touches (scales replicated, as vLLM does).
+    """
+    per = 32 // bits
+    k = src.shape(f"{prefix}.qweight")[0] * per
+    n = src.shape(f"{prefix}.qweight")[1]
+    in_index = _as_index(in_index, k)
+    out_index = _as_index(out_index, n)
+    if in_index.numel() % per or out_index.numel() % per:
+        raise ValueError(f"{prefix}: a shard needs multiples of {per} rows and columns")
+    if src.has(f"{prefix}.g_idx"):
+        g_idx = take(src, f"{prefix}.g_idx", {0: in_index}).to(torch.int64)
+    else:
+        groups = src.shape(f"{prefix}.scales")[0]
+        g_idx = in_index // (k // groups)
+    groups = torch.unique(g_idx, sorted=True)
+    out = {
+        "qweight": _select_packed_rows(src, f"{prefix}.qweight", in_index, out_index, bits),
+        "scales": take(src, f"{prefix}.scales", {0: groups, 1: out_index}),
+        # qzeros is packed along N: select on its transpose
+        "qzeros": _select_packed_rows(_Transposed(src), f"{prefix}.qzeros", out_index, groups, bits).t().contiguous(),
+        "g_idx": torch.searchsorted(groups, g_idx).to(torch.int32),
+    }
+    if src.has(f"{prefix}.bias"):
+        out["bias"] = take(src, f"{prefix}.bias", {0: out_index})
+    return out
+
+
+class _Transposed:
+    """View a 2-D source tensor transposed (reads stay slices of the stored layout)."""
+
+    def __init__(self, src: TensorSource):
+        self.src = src
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(reversed(self.src.shape(name)))
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.src.read(name, tuple(reversed(index))).t()
+
+    def has(self, name: str) -> bool:
+        return self.src.has(name)

@@ -1,0 +1,137 @@
+"""Tiny random act-order GPTQ checkpoints for the TP tests and the ``--tiny`` example.
+
+They are built the way a converter would build them, without calibration data: RTN on
+the input columns taken in a random order (GPTQ act-order's storage: an unsorted
+``g_idx``), optionally with down_proj's weight rotated by a block-diagonal Hadamard
+(online R4 with a shard-local block). The single-process reference model uses plain
+``QuantLinear`` layers and :class:`BlockHadamardQuantLinear`, never the TP code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+import hadacore
+from hadacore.quant.format import pack_gptq
+from hadacore.quant.linear import QuantLinear
+from hadacore.quant.rtn import quantize_rtn
+
+__all__ = ["act_order_gptq", "rotate_blocks", "BlockHadamardQuantLinear", "tiny_llama_config", "write_tiny_checkpoint"]
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def act_order_gptq(w: torch.Tensor, group_size: int, perm: torch.Tensor, bits: int = 4) -> dict[str, torch.Tensor]:
+    """GPTQ tensors of ``w [N, K]`` RTN-quantized with its columns grouped in the order ``perm``.
+
+    Group ``g`` holds columns ``perm[g*group_size:(g+1)*group_size]``, so ``g_idx[perm[j]] =
+    j // group_size``: the layout GPTQ act-order writes.
+    """
+    k = w.shape[1]
+    q_perm, scales, zeros = quantize_rtn(w[:, perm], bits, group_size)
+    intweight = torch.empty_like(q_perm)
+    intweight[:, perm] = q_perm
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(k) // group_size).to(torch.int32)
+    return pack_gptq(intweight, scales.to(w.dtype), zeros, g_idx, bits)
+
+
+def block_local_perm(k: int, blocks: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of range(k) that maps each of ``blocks`` equal ranges to itself."""
+    size = k // blocks
+    return torch.cat([b * size + torch.randperm(size, generator=generator) for b in range(blocks)])
+
+
+def rotate_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``w @ (I (x) H_block / sqrt(block))``: the offline side of a shard-local R4."""
+    n, k = w.shape
+    return hadacore.hadamard_transform(w.reshape(n, k // block, block), 1.0 / math.sqrt(block)).reshape(n, k)
+
+
+class BlockHadamardQuantLinear(nn.Module):
+    """Reference for a down_proj with a block-diagonal online Hadamard: ``QuantLinear(x (I (x) H_b))``."""
+
+    def __init__(self, linear: QuantLinear, block: int):
+        super().__init__()
+        self.linear, self.block = linear, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = hadacore.hadamard_transform(x.reshape(*x.shape[:-1], -1, self.block), 1.0 / math.sqrt(self.block))
+        return self.linear(y.reshape(x.shape))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_tiny_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    group_size: int = 16,
+    r4_block: int | None = None,
+    down_act_order: str = "global",
+    config=None,
+) -> nn.Module:
+    """Write a random tiny act-order GPTQ Llama to ``out_dir``; return the fp32 reference model.
+
+    ``down_act_order``: ``"global"`` (a random order over all columns) or ``"block"`` (a random
+    order inside each ``r4_block``-sized range, what the converter writes for tp > 1 with R4).
+    ``r4_block``: rotate down_proj's weight by ``I (x) H_{r4_block}`` and record online R4.
+    Every other linear gets a global act-order.
+    """
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    if down_act_order not in ("global", "block"):
+        raise ValueError(f"down_act_order must be 'global' or 'block', got {down_act_order!r}")
+    config = config or tiny_llama_config()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float().eval()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if not any(name.endswith(f"{lin}.weight") for lin in LINEARS):
+            tensors[name] = param.detach().clone().contiguous()
+    for i, layer in enumerate(model.model.layers):
+        for lin in LINEARS:
+            mod_name, attr = lin.split(".")
+            parent = getattr(layer, mod_name)
+            w = getattr(parent, attr).weight.detach().float()
+            k = w.shape[1]
+            block = None
+            if attr == "down_proj" and r4_block is not None:
+                w, block = rotate_blocks(w, r4_block), r4_block
+            if attr == "down_proj" and down_act_order == "block":
+                perm = block_local_perm(k, k // (r4_block or k), gen)
+            else:
+                perm = torch.randperm(k, generator=gen)
+            gptq = act_order_gptq(w, group_size, perm)
+            for key, t in gptq.items():
+                tensors[f"model.layers.{i}.{lin}.{key}"] = t
+            q = QuantLinear.from_tensors(gptq, group_size=group_size)
+            setattr(parent, attr, q if block is None else BlockHadamardQuantLinear(q, block))
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+    cfg = config.to_dict()
+    cfg["quantization_config"] = {
+        "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": True, "sym": True,
+        "checkpoint_format": "gptq",
+    }
+    cfg["hadacore"] = {"online_r4": r4_block is not None, **({"r4_block": r4_block} if r4_block else {})}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return model

@@ -1,0 +1,301 @@
+"""Tensor parallelism on gloo: sharded forward == single process, collectives, failures.
+
+Each multi-process test spawns its ranks on 127.0.0.1 (one spawn per test, many checks
+per spawn: process start-up dominates on small CPUs). Workers assert; the parent waits
+with a deadline, so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hadacore.distributed import (
+    ShardLoadError,
+    build_parallel_mlp,
+    load_sharded,
+    plan_mlp_shard,
+    plan_tp_aware_mlp,
+)
+from hadacore.distributed.shard_io import SafetensorsSource, read_gptq
+from hadacore.distributed.testing import tiny_llama_config, write_tiny_checkpoint
+from hadacore.quant.format import dequantize_gptq
+from hadacore.quant.permute import is_sorted_by_group, shard_gptq
+
+GROUP = 16
+SPAWN_TIMEOUT_S = 240
+PG_TIMEOUT_S = 60
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# --------------------------------------------------------------------------- spawning
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, target, args, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    status = "ok"
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=PG_TIMEOUT_S),
+        )
+        target(rank, world, *args)
+    except BaseException:  # reported to the parent through the file
+        status = traceback.format_exc()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(status)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if status != "ok":
+        os._exit(1)
+
+
+def spawn(world: int, target, *args, out_dir, timeout: float = SPAWN_TIMEOUT_S) -> list[int]:
+    """Run ``target(rank, world, *args)`` on ``world`` gloo ranks; fail on error or timeout."""
+    out_dir = str(out_dir)
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.txt")
+        if os.path.exists(path):
+            os.remove(path)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, target, args, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} still running after {timeout}s"
+    reports = {}
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.txt")
+        reports[r] = open(path).read() if os.path.exists(path) else None
+    failed = {r: rep for r, rep in reports.items() if rep not in ("ok", None)}
+    assert not failed, "\n".join(f"--- rank {r}:\n{rep}" for r, rep in failed.items())
+    return [p.exitcode for p in procs]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten/custom op call (functional collectives show up as ``_c10d_functional.*``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.hadamard_perm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name  # e.g. "_c10d_functional::all_reduce"
+        self.counts[name] += 1
+        if name == "hadacore::hadamard" and len(args) > 3 and args[3] is not None:
+            self.hadamard_perm += 1
+        return func(*args, **kwargs)
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[name]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _checkpoints(root, tp: int) -> dict[str, str]:
+    """Three act-order checkpoints + references (logits, layer-0 MLP output) for ``tp`` ranks."""
+    inter = tiny_llama_config().intermediate_size
+    specs = {
+        "plain": dict(r4_block=None, down_act_order="global"),
+        "r4_block_local": dict(r4_block=inter // tp, down_act_order="block"),
+        "r4_global": dict(r4_block=inter // tp, down_act_order="global"),
+    }
+    paths = {}
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 7), generator=gen)
+    x = torch.randn(2, 5, 64, generator=gen)
+    for name, kw in specs.items():
+        path = os.path.join(str(root), name)
+        ref = write_tiny_checkpoint(path, seed=3, group_size=GROUP, **kw)
+        with torch.no_grad():
+            torch.save(
+                {"ids": ids, "logits": ref(ids).logits, "x": x, "mlp": ref.model.layers[0].mlp(x)},
+                os.path.join(path, "reference.pt"),
+            )
+        paths[name] = path
+    return paths
+
+
+# --------------------------------------------------------------------------- single process
+
+
+def test_plan_tp_aware_mlp_matches_lead_helpers_and_loader(tmp_path):
+    """Offline plan + ``shard_gptq`` == what ``build_parallel_mlp`` reads at load time, bit for bit."""
+    path = str(tmp_path / "ck")
+    write_tiny_checkpoint(path, seed=0, group_size=GROUP)
+    src = SafetensorsSource(path)
+    full = {p: read_gptq(src, f"model.layers.0.mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")}
+    assert not is_sorted_by_group(full["down_proj"]["g_idx"])
+    gate, up, down = plan_tp_aware_mlp(full["gate_proj"], full["up_proj"], full["down_proj"])
+    assert is_sorted_by_group(down["g_idx"])
+
+    def deq(t):
+        return dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], GROUP, dtype=torch.float64)
+
+    x = torch.randn(3, 64, dtype=torch.float64)
+
+    def mlp(g, u, d):
+        return torch.nn.functional.silu(x @ deq(g).T) * (x @ deq(u).T) @ deq(d).T
+
+    torch.testing.assert_close(mlp(gate, up, down), mlp(full["gate_proj"], full["up_proj"], full["down_proj"]), rtol=1e-12, atol=1e-12)
+    for tp in (2, 4):
+        for rank in range(tp):
+            g_r, u_r, d_r, plan = build_parallel_mlp(src, "model.layers.0.mlp", tp_rank=rank, tp_size=tp, group_size=GROUP)
+            assert plan.gather_index is None and plan.local_perm is None
+            assert torch.equal(g_r.linear.dequantized_weight(), deq(shard_gptq(gate, dim="out", rank=rank, world_size=tp)).float())
+            assert torch.equal(u_r.linear.dequantized_weight(), deq(shard_gptq(up, dim="out", rank=rank, world_size=tp)).float())
+            d_lead = shard_gptq(down, dim="in", rank=rank, world_size=tp)
+            assert torch.equal(d_r.linear.dequantized_weight(), deq(d_lead).float())
+            assert torch.equal(d_r.linear.g_idx, d_lead["g_idx"])  # a group-aligned shard keeps its own groups
+            # A checkpoint planned offline loads with contiguous slices and the same weights.
+            planned = {f"mlp.{n}.{k}": v for n, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)) for k, v in t.items()}
+            g_p, _, d_p, plan_p = build_parallel_mlp(planned, "mlp", tp_rank=rank, tp_size=tp, group_size=GROUP)
+            assert torch.equal(plan_p.gate_up_rows, torch.arange(rank * 256 // tp, (rank + 1) * 256 // tp))
+            assert torch.equal(g_p.linear.qweight, g_r.linear.qweight) and torch.equal(d_p.linear.qweight, d_r.linear.qweight)
+
+
+def test_plan_errors():
+    g_idx = torch.randperm(256) // GROUP
+    with pytest.raises(ValueError, match="cross tp shards"):
+        plan_mlp_shard(g_idx, tp_rank=0, tp_size=2, strategy="tp_aware", hadamard_block=128)
+    with pytest.raises(ValueError, match="does not divide the shard width"):
+        plan_mlp_shard(g_idx, tp_rank=0, tp_size=4, strategy="naive", hadamard_block=128)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        plan_mlp_shard(g_idx, tp_rank=0, tp_size=2, strategy="fast")
+    with pytest.raises(ValueError, match="not divisible by tp_size"):
+        plan_mlp_shard(g_idx, tp_rank=0, tp_size=3)
+    naive = plan_mlp_shard(g_idx, tp_rank=1, tp_size=2, strategy="naive")
+    aware = plan_mlp_shard(g_idx, tp_rank=1, tp_size=2, strategy="tp_aware")
+    assert naive.all_gathers and not aware.all_gathers
+    assert torch.equal(naive.down_cols, aware.down_cols)  # same sorted down shard; only the producer differs
+    with pytest.raises(RuntimeError, match="initialised default process group"):
+        load_sharded("/nonexistent", tp_rank=0, tp_size=2)
+
+
+# --------------------------------------------------------------------------- tp = 2, 4
+
+
+def _check_equivalence(rank: int, world: int, paths: dict[str, str]) -> None:
+    cases = [
+        ("plain", "naive"), ("plain", "tp_aware"),
+        ("r4_block_local", "naive"), ("r4_block_local", "tp_aware"),
+        ("r4_global", "naive"),
+    ]
+    for name, strategy in cases:
+        ref = torch.load(os.path.join(paths[name], "reference.pt"))
+        model = load_sharded(paths[name], tp_rank=rank, tp_size=world, strategy=strategy)
+        with torch.no_grad():
+            logits = model(ref["ids"]).logits
+            with OpCounter() as ops:
+                y = model.model.layers[0].mlp(ref["x"])
+        where = f"{name}/{strategy} tp={world} rank={rank}"
+        assert rel_err(logits, ref["logits"]) < 1e-5, where
+        assert rel_err(y, ref["mlp"]) < 1e-5, where
+        assert ops["_c10d_functional::all_reduce"] == 1, (where, ops.counts)
+        gathers = ops["_c10d_functional::all_gather_into_tensor"]
+        assert gathers == (1 if strategy == "naive" else 0), (where, ops.counts)
+        if name.startswith("r4"):
+            # tp_aware + R4: the shard-local order is fused into the Hadamard's store.
+            assert ops.hadamard_perm == (1 if strategy == "tp_aware" else 0), (where, ops.counts)
+            assert ops["hadacore::hadamard"] == 1, (where, ops.counts)
+        if strategy == "tp_aware":
+            assert ops["aten::index_select"] == 0 and ops["aten::index"] == 0, (where, ops.counts)
+    # A global act-order cannot stay shard-local behind R4: every rank refuses, clearly.
+    with pytest.raises(ShardLoadError, match="cross tp shards"):
+        load_sharded(paths["r4_global"], tp_rank=rank, tp_size=world, strategy="tp_aware")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sharded_forward_matches_single_process(tmp_path, tp):
+    paths = _checkpoints(tmp_path, tp)
+    spawn(tp, _check_equivalence, paths, out_dir=tmp_path)
+
+
+def _check_compiled(rank: int, world: int, path: str) -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    ref = torch.load(os.path.join(path, "reference.pt"))
+    for strategy in ("naive", "tp_aware"):
+        model = load_sharded(path, tp_rank=rank, tp_size=world, strategy=strategy)
+        mlp = model.model.layers[0].mlp
+        torch._dynamo.reset()
+        compiled = torch.compile(mlp, backend="inductor", fullgraph=True)
+        with torch.no_grad():
+            y, codes = run_and_get_code(compiled, ref["x"])
+        code = "\n".join(codes)
+        assert rel_err(y, ref["mlp"]) < 1e-5, strategy
+        assert "all_reduce" in code, strategy
+        assert ("all_gather_into_tensor" in code) == (strategy == "naive"), (strategy, code[-3000:])
+
+
+def test_compiled_rank_graph_keeps_collectives(tmp_path):
+    """Per-rank torch.compile (Inductor): functional collectives stay in the graph; only naive gathers."""
+    path = str(tmp_path / "plain")
+    ref = write_tiny_checkpoint(path, seed=3, group_size=GROUP)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.save({"x": x, "mlp": ref.model.layers[0].mlp(x)}, os.path.join(path, "reference.pt"))
+    spawn(2, _check_compiled, path, out_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _load_with_one_bad_rank(rank: int, world: int, good: str, bad: str) -> None:
+    with pytest.raises(ShardLoadError) as info:
+        load_sharded(bad if rank == 1 else good, tp_rank=rank, tp_size=world)
+    msg = str(info.value)
+    assert "rank(s) [1]" in msg and "model.safetensors is missing" in msg, msg
+
+
+def _load_with_indivisible_heads(rank: int, world: int, path: str) -> None:
+    with pytest.raises(ShardLoadError, match=r"rank\(s\) \[0, 1, 2, 3\].*num_key_value_heads \(2\)"):
+        load_sharded(path, tp_rank=rank, tp_size=world)
+
+
+def test_failed_rank_fails_every_rank(tmp_path):
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    write_tiny_checkpoint(good, seed=0, group_size=GROUP)
+    shutil.copytree(good, bad)
+    os.remove(os.path.join(bad, "model.safetensors"))
+    start = time.monotonic()
+    spawn(2, _load_with_one_bad_rank, good, bad, out_dir=tmp_path, timeout=120)
+    assert time.monotonic() - start < PG_TIMEOUT_S  # failed by agreement, not by a timeout
+
+
+def test_indivisible_heads_fail_on_every_rank(tmp_path):
+    path = str(tmp_path / "kv2")
+    write_tiny_checkpoint(path, seed=0, group_size=GROUP, config=tiny_llama_config(num_key_value_heads=2))
+    spawn(4, _load_with_indivisible_heads, path, out_dir=tmp_path, timeout=120)
