@@ -178,14 +178,18 @@ def example_value(node: Any) -> Optional[torch.Tensor]:
 
 
 def node_name(node: fx.Node) -> str:
-    """A readable layer name from a parameter placeholder, e.g. 'model.layers.0.mlp.down_proj'."""
+    """A readable layer name from a parameter placeholder, e.g. 'model.layers.0.mlp.down_proj.weight'."""
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     if source is not None:
         name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
         parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)", name)
         words = [a or b for a, b in parts]
-        words = [w for w in words if w not in ("_modules", "_parameters", "_buffers", "modules", "self", "L")]
+        words = [w for w in words if w not in ("_modules", "_parameters", "_buffers", "__self__", "self", "fn", "L")]
         if words:
             return ".".join(words)
+    if node.op == "placeholder" and ("_parameters_" in node.name or "_buffers_" in node.name):
+        # Dynamo's placeholder names, e.g. l_self_modules_mlp_modules_down_proj_parameters_weight_
+        name = re.sub(r"^l_(self_|fn_)?", "", node.name).rstrip("_")
+        return re.sub(r"_(modules|parameters|buffers)_", ".", "_" + name).lstrip(".")
     return str(node.target if node.op == "get_attr" else node.name)
