@@ -47,7 +47,8 @@ def fuse_horizontal(ctx: PassContext) -> None:
                            group_size=sites[0].group_size)
         bias_node = None
         if biases is not None:
-            dt = example_value(sites[0].node).dtype
+            ev = example_value(sites[0].node)  # the bias is used in the output's dtype
+            dt = ev.dtype if ev is not None else biases[0].dtype
             bias_node = ctx.add_constant(f"{fused.name}.bias", torch.cat(biases).to(dt), first)
         out = emit_w4a16(ctx, fused, sites[0].x, first, bias_node)
         offset, anchor = 0, out
