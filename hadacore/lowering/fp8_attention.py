@@ -139,11 +139,8 @@ def fp8_attention_emulated(
     q_op, k_op, sq, sk = prepare_qk(q, k, rotate=rotate, quantize=quantize)
     qf = q_op.float() * sq[..., None, None]
     kf = k_op.float() * sk[..., None, None]
-    vf = v.float()
-    if group > 1:
-        kf = kf.repeat_interleave(group, dim=1)
-        vf = vf.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=is_causal, scale=scale)
+    # enable_gqa: query head h reads KV head h // group, without materialising repeated K/V
+    out = F.scaled_dot_product_attention(qf, kf, v.float(), is_causal=is_causal, scale=scale, enable_gqa=group > 1)
     return out.to(out_dtype)
 
 
