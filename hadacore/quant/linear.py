@@ -9,6 +9,7 @@ Buffer names are those of GPTQ checkpoints, so state dicts load unchanged.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from torch import nn
 import hadacore.ops  # noqa: F401  (registers torch.ops.hadacore.*)
 from hadacore.quant.format import check_gptq_tensors, default_g_idx
 from hadacore.quant.rtn import rtn_gptq_tensors
+
+if TYPE_CHECKING:
+    from hadacore.lowering.w4a16 import PreparedW4A16
 
 __all__ = ["QuantLinear"]
 
@@ -64,7 +68,9 @@ class QuantLinear(nn.Module):
     ) -> "QuantLinear":
         """Wrap GPTQ tensors (``qweight``, ``qzeros``, ``scales``, optional ``g_idx``)."""
         g_idx = tensors.get("g_idx")
-        n, k, _ = check_gptq_tensors(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, group_size, bits=bits)
+        n, k, _ = check_gptq_tensors(
+            tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, group_size, bits=bits, bias=bias
+        )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = k, n
@@ -93,6 +99,16 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return torch.ops.hadacore.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.group_size, self.bits)
+
+    def prepare_cpu(self, **kwargs) -> "PreparedW4A16":
+        """This layer's weight converted once for the CPU op ``hadacore::w4a16_gemm_cpu``
+        (see :func:`hadacore.lowering.w4a16.prepare_w4a16_cpu` for ``kwargs``). The online
+        Hadamard, if any, is not included: apply it to the input first."""
+        from hadacore.lowering.w4a16 import prepare_w4a16_cpu
+
+        return prepare_w4a16_cpu(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.group_size, self.bias, bits=self.bits, **kwargs
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online_hadamard:
