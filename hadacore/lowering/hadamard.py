@@ -67,8 +67,9 @@ def _sylvester_scaled(f: int, scale: float, dtype: torch.dtype, device: torch.de
 
 
 @functools.lru_cache(maxsize=64)
-def _base_scaled(m: int, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return (hadamard_base(m).to(torch.float64) * scale).to(dtype=dtype, device=device)
+def _base_scaled(m: int, scale: float, dtype: torch.dtype, device: torch.device, transposed: bool) -> Tensor:
+    h = hadamard_base(m).to(torch.float64) * scale
+    return (h.t() if transposed else h).contiguous().to(dtype=dtype, device=device)
 
 
 def hadamard_native(
@@ -90,15 +91,16 @@ def hadamard_native(
     # (kind, size) per axis, slowest first; scale is folded into the last factor's matrix,
     # which is exact for the +-1 entries (one fp32 rounding of scale itself).
     axes: list[tuple[str, int]] = ([("base", m)] if m > 1 else []) + [("pow2", f) for f in factors]
-    if not axes:  # n == 1: H_1 = [1]
-        axes_mats: list[Tensor] = []
-    else:
-        axes_mats = [
-            (_base_scaled(s, 1.0, acc, dev) if kind == "base" else _sylvester_scaled(s, 1.0, acc, dev))
-            for kind, s in axes[:-1]
-        ]
-        kind, s = axes[-1]
-        axes_mats.append(_base_scaled(s, scale, acc, dev) if kind == "base" else _sylvester_scaled(s, scale, acc, dev))
+    # H_m mixes the m pieces from the left (y_i = sum_j H_m[i, j] x_j): as the batched
+    # left operand it is used as is; as the only axis (n == m) it is x @ H_m^T.
+    axes_mats: list[Tensor] = []
+    for i, (kind, s) in enumerate(axes):
+        last = i == len(axes) - 1
+        sc = scale if last else 1.0
+        if kind == "base":
+            axes_mats.append(_base_scaled(s, sc, acc, dev, last))
+        else:
+            axes_mats.append(_sylvester_scaled(s, sc, acc, dev))
     sizes = [s for _, s in axes]
 
     x2 = x.reshape(-1, n)  # a view for any 2-D strides; copies only for exotic N-D layouts
