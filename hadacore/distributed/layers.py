@@ -26,9 +26,11 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import hadacore.ops  # noqa: F401  (registers torch.ops.hadacore.*)
-from hadacore.quant.linear import QuantLinear
 
 __all__ = ["ColumnParallelQuantLinear", "RowParallelQuantLinear", "shard_local_hadamard"]
+
+# torch >= 2.10 names it all_gather_single (all_gather_tensor is deprecated there).
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
 def shard_local_hadamard(x: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,12 +53,14 @@ def shard_local_hadamard(x: torch.Tensor, block: int, perm: torch.Tensor | None 
 class ColumnParallelQuantLinear(nn.Module):
     """This rank's output-feature shard of a quantized linear: ``y_r = x @ W[rows_r].T + b[rows_r]``.
 
-    No communication: the output stays sharded along its last dim.
+    No communication: the output stays sharded along its last dim. ``local`` is the shard's
+    linear: a :class:`QuantLinear` (or any module with ``in_features``/``out_features``
+    computing ``x @ W_shard.T``, e.g. a prepared CPU W4A16 weight in the benchmarks).
     """
 
-    def __init__(self, local: QuantLinear, *, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None = None):
+    def __init__(self, local: nn.Module, *, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None = None):
         super().__init__()
-        if local.online_hadamard:
+        if getattr(local, "online_hadamard", False):
             raise ValueError("a column-parallel layer cannot apply an online Hadamard to its (replicated) input")
         self.linear = local
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
@@ -85,7 +89,7 @@ class RowParallelQuantLinear(nn.Module):
 
     def __init__(
         self,
-        local: QuantLinear,
+        local: nn.Module,
         *,
         tp_rank: int,
         tp_size: int,
@@ -96,9 +100,9 @@ class RowParallelQuantLinear(nn.Module):
         gather_index: torch.Tensor | None = None,
     ):
         super().__init__()
-        if local.online_hadamard:
+        if getattr(local, "online_hadamard", False):
             raise ValueError("pass hadamard_block instead of a QuantLinear with online_hadamard (it must be shard-local)")
-        if local.bias is not None:
+        if getattr(local, "bias", None) is not None:
             raise ValueError("the local shard must have no bias; pass the full bias as bias= (added after the all-reduce)")
         if local_perm is not None and gather_index is not None:
             raise ValueError("local_perm and gather_index are alternatives: the gathered index already orders the columns")
@@ -126,10 +130,13 @@ class RowParallelQuantLinear(nn.Module):
         elif self.local_perm is not None:
             x = x.index_select(-1, self.local_perm)
         if self.gather_index is not None:
+            lead, k = x.shape[:-1], x.shape[-1]
+            # Gather the transposed activation along dim 0: rows of ``full`` are then the
+            # global columns in rank order, and one index_select picks this rank's.
+            full = x.reshape(-1, k).t().contiguous()
             if self.tp_size > 1:
-                # all_gather_tensor concatenates along gather_dim in rank order.
-                x = funcol.all_gather_tensor(x.contiguous(), gather_dim=x.dim() - 1, group=self.group)
-            x = x.index_select(-1, self.gather_index)
+                full = _all_gather(full, 0, self.group)
+            x = full.index_select(0, self.gather_index).t().reshape(*lead, self.gather_index.shape[0])
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

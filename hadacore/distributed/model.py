@@ -158,10 +158,14 @@ def _read_config(path: str) -> tuple[dict, dict, dict]:
 
 
 def _r4_block(hc: dict, intermediate: int) -> int | None:
-    """The online R4 Hadamard block of down_proj from the config's ``hadacore`` block, or None."""
-    if not hc.get("online_r4", False):
+    """down_proj's online R4 Hadamard block from the config's ``hadacore`` block (the converter's keys
+    ``online.r4_down_proj`` and ``r4_block_size``), or None without online R4."""
+    if not (hc.get("online") or {}).get("r4_down_proj", False):
         return None
-    return int(hc.get("r4_block", intermediate // int(hc.get("tp", 1))))
+    block = hc.get("r4_block_size")
+    if not isinstance(block, int) or block <= 0 or intermediate % block:
+        raise ValueError(f"hadacore.r4_block_size must be a positive divisor of intermediate_size {intermediate}, got {block!r}")
+    return block
 
 
 def _build_rank_model(path: str, *, tp_rank: int, tp_size: int, strategy: str, group) -> nn.Module:

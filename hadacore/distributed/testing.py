@@ -131,7 +131,7 @@ def write_tiny_checkpoint(
         "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": True, "sym": True,
         "checkpoint_format": "gptq",
     }
-    cfg["hadacore"] = {"online_r4": r4_block is not None, **({"r4_block": r4_block} if r4_block else {})}
+    cfg["hadacore"] = {"online": {"r4_down_proj": r4_block is not None}, "r4_block_size": r4_block}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     return model
