@@ -38,6 +38,62 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, masking only what can be out of range (0 there)."""
+    if ROW_MASK:
+        if EVEN_D:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _attention_kv_loop(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    offs_m, offs_n0, offs_d, d_ok, lo, hi, S_KV, s_qk,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    QK_F32: tl.constexpr, PV_F32: tl.constexpr,
+):
+    """Online softmax over the KV blocks starting at ``lo, lo + BLOCK_N, ... < hi``.
+
+    ``MASKED=False`` is the hot loop: every key of every block is in range and visible to
+    every query row, so there is no mask and no -inf guard.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < S_KV
+        k = _load_tile(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKED, EVEN_D)
+        if QK_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * s_qk
+        if MASKED:
+            valid = n_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row with no visible key yet keeps m = -inf: subtract 0 (no inf - inf)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, n_ok, d_ok, MASKED, EVEN_D)
+        acc = acc * alpha[:, None]
+        if PV_F32:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, QScale, KScale,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -46,7 +102,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     HQ, HKV, S_Q, S_KV, D, GROUP, qk_scale_log2,
     IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     QK_F32: tl.constexpr, PV_F32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -69,8 +125,7 @@ def _attention_fwd_kernel(
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
     o_base = Out + b64 * stride_ob + hq.to(tl.int64) * stride_oh
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, m_ok, d_ok, True, EVEN_D)
     if QK_F32:
         q = q.to(tl.float32)
 
@@ -78,37 +133,25 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    hi = S_KV
-    if IS_CAUSAL:  # keys past this block's last query row are masked for every row
+    # Blocks [0, lo): every key in range and (causal) at or before this tile's first query
+    # row: no masks. Blocks [lo, hi): the diagonal and the S_KV tail, masked. Causal tiles
+    # never touch keys past their last query row.
+    if IS_CAUSAL:
         hi = tl.minimum(S_KV, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < S_KV
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if QK_F32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * s_qk
-        valid = n_ok[None, :]
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key yet keeps m = -inf; subtract 0 there instead (no inf - inf).
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        if PV_F32:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        lo = tl.minimum(pid_m * BLOCK_M + 1, S_KV) // BLOCK_N * BLOCK_N
+    else:
+        hi = S_KV
+        lo = S_KV // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attention_kv_loop(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        offs_m, offs_n0, offs_d, d_ok, 0, lo, S_KV, s_qk,
+        BLOCK_N, False, IS_CAUSAL, EVEN_D, QK_F32, PV_F32,
+    )
+    acc, l_i, m_i = _attention_kv_loop(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        offs_m, offs_n0, offs_d, d_ok, lo, hi, S_KV, s_qk,
+        BLOCK_N, True, IS_CAUSAL, EVEN_D, QK_F32, PV_F32,
+    )
 
     out = acc / l_i[:, None]  # every real row sees key 0, so l_i > 0
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
@@ -192,7 +235,7 @@ def attention_fwd_triton(
         q, k, v, out, q_scale, k_scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hkv, s_q, s_kv, d, hq // hkv, float(scale) * _LOG2E,
-        IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
         QK_F32=qk_f32, PV_F32=pv_f32, num_warps=warps, num_stages=stages,
     )
     return out
