@@ -1,0 +1,123 @@
+"""The ``hadacore::hadamard`` custom op: signs/perm semantics, fake impl, opcheck, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import hadacore
+from hadacore import hadamard_matrix
+
+hadamard_op = torch.ops.hadacore.hadamard
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def make(n: int, rows: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    signs = torch.randint(0, 2, (n,), generator=g).to(dtype) * 2 - 1
+    perm = torch.randperm(n, generator=g)
+    return x, signs, perm
+
+
+def reference(x, scale=1.0, signs=None, perm=None) -> torch.Tensor:
+    """``out[..., j] = (scale * (x * signs) @ H_n)[..., perm[j]]`` in fp64."""
+    xd = x.double() * (signs.double() if signs is not None else 1.0)
+    y = scale * (xd @ hadamard_matrix(x.shape[-1]))
+    return y[..., perm] if perm is not None else y
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("n", (16, 12 * 8, 1024, 28 * 32))
+@pytest.mark.parametrize("use_signs, use_perm", ((True, False), (False, True), (True, True)))
+def test_signs_and_perm_semantics(n: int, dtype: torch.dtype, use_signs: bool, use_perm: bool) -> None:
+    x, signs, perm = make(n, dtype=dtype, seed=n)
+    s = signs if use_signs else None
+    p = perm if use_perm else None
+    y = hadamard_op(x, 0.125, s, p)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_err(y, reference(x, 0.125, s, p)) < TOL[dtype]
+
+
+def test_perm_accepts_int32_and_signs_any_float_dtype() -> None:
+    x, signs, perm = make(64)
+    ref = reference(x, 1.0, signs, perm)
+    assert rel_err(hadamard_op(x, 1.0, signs.double(), perm.int()), ref) < TOL[torch.float32]
+
+
+def test_signs_and_perm_on_strided_input() -> None:
+    x, signs, perm = make(256, rows=8)
+    xt = x.t().contiguous().t()  # same values, column-major
+    assert torch.equal(hadamard_op(xt, 0.5, signs, perm), hadamard_op(x, 0.5, signs, perm))
+    before = x.clone()
+    hadamard_op(x, 0.5, signs, perm)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize(
+    "signs, perm, match",
+    (
+        (torch.ones(63), None, "signs must be a \\[64\\]"),
+        (None, torch.arange(32), "perm must be an integer \\[64\\]"),
+        (None, torch.arange(64).float(), "perm must be an integer"),
+    ),
+)
+def test_bad_signs_or_perm(signs, perm, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        hadamard_op(torch.randn(2, 64), 1.0, signs, perm)
+
+
+def test_fake_impl_matches_real_metadata() -> None:
+    x, signs, perm = make(12 * 16, rows=6, dtype=torch.bfloat16)
+    x = x.t().contiguous().t()[1:5]  # strided rows, column-major
+    real = hadamard_op(x, 0.5, signs, perm)
+    with FakeTensorMode() as mode:
+        fx, fs, fp = (mode.from_tensor(t) for t in (x, signs, perm))
+        fake = hadamard_op(fx, 0.5, fs, fp)
+    assert fake.shape == real.shape and fake.dtype == real.dtype and fake.stride() == real.stride()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("use_signs, use_perm", ((False, False), (True, True), (True, False), (False, True)))
+def test_opcheck(dtype: torch.dtype, use_signs: bool, use_perm: bool) -> None:
+    x, signs, perm = make(12 * 4, rows=5, dtype=dtype)
+    args = (x, 0.5, signs if use_signs else None, perm if use_perm else None)
+    torch.library.opcheck(hadamard_op.default, args)
+    torch.library.opcheck(hadamard_op.default, (x.reshape(5, 1, 48)[:, :, :].transpose(0, 1), *args[1:]))
+
+
+def test_torch_compile_fullgraph_dynamic_batch() -> None:
+    """Inductor CPU: no graph break, one compile for any batch, same numbers as eager."""
+    n = 28 * 4
+
+    def f(x, signs, perm):
+        y = hadacore.hadamard_transform(torch.relu(x) + 1.0, 0.5)
+        return hadamard_op(y, 1.0 / n, signs, perm) * 2.0
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+    _, signs, perm = make(n)
+    for rows in (3, 5, 8):
+        x, _, _ = make(n, rows=rows, seed=rows)
+        with torch.compiler.set_stance("fail_on_recompile") if rows > 3 else _null():
+            y = compiled(x, signs, perm)
+        assert torch.allclose(y, f(x, signs, perm), rtol=1e-5, atol=1e-5)
+        ref = 2.0 * reference(reference(torch.relu(x) + 1.0, 0.5), 1.0 / n, signs, perm)
+        assert rel_err(y, ref) < TOL[torch.float32]
+    assert counter.frame_count == 1
+    assert counter.op_count >= 1
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
