@@ -56,7 +56,7 @@ def agree_on_success(error: BaseException | None, *, tp_rank: int, tp_size: int,
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"tp_size={tp_size} needs an initialised default process group (torchrun + init_process_group)")
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    reports: list[Any] = [None] * tp_size
+    reports: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(reports, mine, group=group)
     failed = {r: msg for r, msg in enumerate(reports) if msg is not None}
     if failed:
@@ -69,8 +69,6 @@ def _check_group(tp_rank: int, tp_size: int, group: dist.ProcessGroup | None) ->
         raise ValueError(f"need 0 <= tp_rank < tp_size, got tp_rank={tp_rank}, tp_size={tp_size}")
     if tp_size == 1:
         return
-    if not dist.is_initialized():
-        raise RuntimeError(f"tp_size={tp_size} needs an initialised default process group (torchrun + init_process_group)")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if (size, rank) != (tp_size, tp_rank):
         raise ValueError(f"tp_rank/tp_size ({tp_rank}/{tp_size}) disagree with the process group (rank {rank} of {size})")
@@ -230,6 +228,7 @@ def load_sharded(
     device: str | torch.device = "cpu",
     strategy: str = "tp_aware",
     group: dist.ProcessGroup | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """This rank's share of a converted GPTQ checkpoint as a transformers causal LM.
 
@@ -237,15 +236,18 @@ def load_sharded(
     are replicated). Every rank of ``group`` (default: the world) must call it; if any rank
     fails, all raise :class:`ShardLoadError` naming the failed ranks and their errors.
     ``strategy``: ``"tp_aware"`` (no all-gather in the MLP) or ``"naive"`` (see
-    :mod:`hadacore.distributed.plan`).
+    :mod:`hadacore.distributed.plan`). ``dtype`` (default: the checkpoint's) casts the float
+    tensors (scales, norms, embeddings); packed weights stay int32.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    _check_group(tp_rank, tp_size, group)
+    if tp_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"tp_size={tp_size} needs an initialised default process group (torchrun + init_process_group)")
     model, error = None, None
     try:
+        _check_group(tp_rank, tp_size, group)
         model = _build_rank_model(os.fspath(path), tp_rank=tp_rank, tp_size=tp_size, strategy=strategy, group=group)
-        model = model.to(device)
+        model = model.to(device=device, dtype=dtype)
     except Exception as exc:  # reported to every rank below
         log.error("rank %d failed to load its shard of %s: %s", tp_rank, path, exc)
         error = exc
