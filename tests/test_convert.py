@@ -1,0 +1,334 @@
+"""The offline converter on tiny random Llama models: exact rotations, RTN/GPTQ round trips,
+TP-aware act-order, atomic output, bad inputs. Everything built from configs (no downloads)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import hadacore  # noqa: E402
+from hadacore.convert import checkpoint  # noqa: E402
+from hadacore.convert.checkpoint import load, read_state_dict  # noqa: E402
+from hadacore.convert.modules import BlockHadamardQuantLinear  # noqa: E402
+from hadacore.convert.pipeline import ConvertOptions, quantize_model, rotate_model  # noqa: E402
+from hadacore.quant.format import dequantize_gptq  # noqa: E402
+from hadacore.quant.linear import QuantLinear  # noqa: E402
+from hadacore.quant.permute import is_sorted_by_group, shard_gptq  # noqa: E402
+
+HIDDEN, INTER, HEADS, KV, LAYERS, VOCAB = 64, 128, 4, 2, 2, 256  # head_dim 16
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random GQA Llama with tied embeddings and non-trivial norm gains."""
+    kw = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KV,
+              num_hidden_layers=LAYERS, vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=128)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def logits(m, ids):
+    return m(input_ids=ids, use_cache=False).logits
+
+
+# --------------------------------------------------------------------------- rotations
+
+
+@pytest.mark.parametrize("rotate,tp", [("none", 1), ("offline", 1), ("full", 1), ("full", 2), ("full", 4)])
+def test_rotation_is_exact(model, tokens, rotate, tp):
+    rotated = copy.deepcopy(model)
+    rotate_model(rotated, rotate=rotate, seed=3, tp=tp)
+    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight  # untied
+    assert not rotated.config.tie_word_embeddings
+    for layer in rotated.model.layers:  # gains folded
+        assert torch.all(layer.input_layernorm.weight == 1) and torch.all(layer.post_attention_layernorm.weight == 1)
+    if rotate != "none":
+        assert rel(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight) > 0.5  # it did rotate
+    want = logits(model, tokens)
+    assert rel(logits(rotated, tokens), want) < 1e-5
+
+
+def test_rotation_exact_for_qwen2_biases(tokens):
+    """Qwen2: q/k/v biases (V's bias is rotated by R2 too)."""
+    cfg = transformers.Qwen2Config(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
+                                   num_key_value_heads=KV, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                                   tie_word_embeddings=True, max_position_embeddings=128)
+    torch.manual_seed(5)
+    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    rotated = copy.deepcopy(m)
+    rotate_model(rotated, rotate="full", seed=0)
+    assert rel(logits(rotated, tokens), logits(m, tokens)) < 1e-5
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def _quantize(model, calib, **kw):
+    opts = ConvertOptions(**{"group_size": 16, "samples": 8, "seqlen": 32, "dtype": torch.float32, **kw})
+    return quantize_model(copy.deepcopy(model), opts, calib if opts.method == "gptq" else None, progress=False)
+
+
+@pytest.mark.parametrize(
+    "method,rotate,group_size,tp",
+    [("rtn", "offline", 16, 1), ("gptq", "none", 16, 1), ("gptq", "offline", 32, 1), ("gptq", "full", 16, 2), ("gptq", "full", -1, 1)],
+)
+def test_convert_save_load_roundtrip(model, calib, tokens, tmp_path, method, rotate, group_size, tp):
+    out = tmp_path / "out"
+    qm = _quantize(model, calib, method=method, rotate=rotate, group_size=group_size, tp=tp)
+    hadacore.convert(model, out, method=method, rotate=rotate, group_size=group_size, tp=tp, calibration=calib,
+                     samples=8, seqlen=32, dtype=torch.float32)
+    loaded = load(out)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 7 * LAYERS
+    # the checkpoint holds exactly the in-memory model: bitwise equal logits
+    assert torch.equal(logits(loaded, tokens), logits(qm.model, tokens))
+    # and it is a 4-bit approximation of the fp model (random tiny weights: ~5-10% error)
+    assert rel(logits(loaded, tokens), logits(model, tokens)) < 0.2
+    config = json.loads((out / "config.json").read_text())
+    qc, hc = config["quantization_config"], config["hadacore"]
+    assert qc == {**qc, "quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True,
+                  "checkpoint_format": "gptq", "desc_act": method == "gptq"}
+    assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
+    assert hc["online"] == {"r4_down_proj": rotate == "full", "r3_qk": False}
+    assert hc["rotations"]["r1"] == (rotate != "none") and hc["tp_planned"] == tp
+    assert hc["r4_block_size"] == (INTER // tp if rotate == "full" else None)
+    down = loaded.model.layers[0].mlp.down_proj
+    if rotate == "full":
+        assert down.online_hadamard or isinstance(down, BlockHadamardQuantLinear)
+        assert isinstance(down, BlockHadamardQuantLinear) == (tp > 1)
+
+
+def test_gptq_beats_rtn_end_to_end(model, calib, tokens):
+    ref = logits(model, tokens)
+    e_rtn = rel(logits(_quantize(model, calib, method="rtn", rotate="offline").model, tokens), ref)
+    e_gptq = rel(logits(_quantize(model, calib, method="gptq", rotate="offline").model, tokens), ref)
+    assert e_gptq < e_rtn, (e_gptq, e_rtn)
+
+
+def test_fp16_checkpoint_is_standard_gptq(model, tmp_path):
+    out = tmp_path / "fp16"
+    hadacore.convert(model, out, method="rtn", rotate="none", group_size=32)
+    state = read_state_dict(out)
+    q = state["model.layers.0.self_attn.q_proj.qweight"]
+    assert q.dtype == torch.int32 and q.shape == (HIDDEN // 8, HEADS * 16)
+    assert state["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float16
+    assert state["model.layers.0.self_attn.q_proj.qzeros"].shape == (HIDDEN // 32, HEADS * 16 // 8)
+    assert state["lm_head.weight"].dtype == torch.float16
+    assert load(out).model.embed_tokens.weight.dtype == torch.float16
+
+
+# --------------------------------------------------------------------------- act-order and TP
+
+
+def test_tp_aware_permutation_sorts_down_proj(model, calib, tokens):
+    qm = _quantize(model, calib, method="gptq", rotate="offline", group_size=16)
+    for layer in qm.model.model.layers:
+        assert is_sorted_by_group(layer.mlp.down_proj.g_idx)  # no gather at any TP degree
+        assert not is_sorted_by_group(layer.mlp.gate_proj.g_idx)  # column-parallel: plain act-order
+        o = layer.self_attn.o_proj.g_idx.long().view(HEADS, 16)  # head-local: group == head
+        assert torch.equal(o, torch.arange(HEADS)[:, None].expand(HEADS, 16))
+    assert qm.plan["down_proj"].startswith("tp_aware_permutation")
+    assert qm.plan["o_proj"] == "head_local"
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_shards_reassemble_and_are_self_contained(calib, tp):
+    model = tiny_llama(num_key_value_heads=4)  # tp=4 needs 4 KV heads
+    qm = _quantize(model, calib, method="gptq", rotate="full", group_size=16, tp=tp)
+    gs = 16
+    for layer in qm.model.model.layers:
+        down = layer.mlp.down_proj
+        assert down.hadamard_block == INTER // tp
+        t = {k: getattr(down, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+        full_w = dequantize_gptq(*t.values(), gs, 4)
+        shards = [shard_gptq(t, dim="in", rank=r, world_size=tp) for r in range(tp)]
+        per = INTER // tp
+        for r, s in enumerate(shards):  # shard-local act-order: each shard owns exactly its groups
+            assert s["scales"].shape[0] == per // gs
+            w = dequantize_gptq(s["qweight"], s["qzeros"], s["scales"], s["g_idx"], gs, 4)
+            assert torch.equal(w, full_w[:, r * per : (r + 1) * per])
+        assert not is_sorted_by_group(t["g_idx"])  # act-order is really there, just shard-local
+        for name in ("gate_proj", "up_proj"):  # column-parallel shards reassemble exactly
+            lin = getattr(layer.mlp, name)
+            t = {k: getattr(lin, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+            parts = [shard_gptq(t, dim="out", rank=r, world_size=tp) for r in range(tp)]
+            for k in ("qweight", "qzeros", "scales"):
+                assert torch.equal(torch.cat([p[k] for p in parts], dim=1), t[k])
+
+
+def test_down_proj_permutation_matches_unpermuted_function(model, calib, tokens):
+    """The TP-aware permutation changes the stored layout, not what the MLP computes:
+    undoing it on the quantized tensors gives the same MLP output."""
+    qm = _quantize(model, calib, method="gptq", rotate="none", group_size=16)
+    mlp = qm.model.model.layers[0].mlp
+    x = torch.randn(3, HIDDEN)
+    y = mlp(x)
+    gate, up, down = mlp.gate_proj.dequantized_weight(), mlp.up_proj.dequantized_weight(), mlp.down_proj.dequantized_weight()
+    perm = torch.randperm(INTER)
+    h = torch.nn.functional.silu(x @ gate[perm].T) * (x @ up[perm].T)
+    torch.testing.assert_close(h @ down[:, perm].T, y, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- output handling
+
+
+def test_sharded_save_with_index(model, tokens, tmp_path):
+    out = tmp_path / "sharded"
+    hadacore.convert(model, out, method="rtn", group_size=16, dtype=torch.float32, max_shard_bytes=40_000)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    single = tmp_path / "single"
+    hadacore.convert(model, single, method="rtn", group_size=16, dtype=torch.float32)
+    assert [p.name for p in single.glob("*.safetensors")] == ["model.safetensors"]
+    assert torch.equal(logits(load(out), tokens), logits(load(single), tokens))
+
+
+def test_refuses_to_overwrite_without_force(model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="force"):
+        hadacore.convert(model, out, method="rtn", group_size=16)
+    assert (out / "keep.txt").exists()
+    hadacore.convert(model, out, method="rtn", group_size=16, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old dirs left
+
+
+def test_interrupted_conversion_leaves_no_output(model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = checkpoint.write_safetensors
+
+    def fail_midway(state, directory, **kw):
+        real(dict(list(state.items())[:3]), directory, **kw)  # a partial file is on disk...
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        hadacore.convert(model, out, method="rtn", group_size=16)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # ...and the temporary directory is gone too
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def test_rejects_unsupported_models(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="Llama-family.*llama, mistral, qwen2"):
+        hadacore.convert(gpt2, tmp_path / "o", method="rtn")
+    with pytest.raises(TypeError, match="path or an nn.Module"):
+        hadacore.convert(42, tmp_path / "o", method="rtn")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hadacore.convert(tmp_path / "nothing", tmp_path / "o", method="rtn")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="cannot read"):
+        hadacore.convert(tmp_path / "notes.txt", tmp_path / "o", method="rtn")
+
+
+def test_rejects_unsupported_hadamard_size(tmp_path):
+    m = tiny_llama(hidden_size=168, num_attention_heads=4, num_key_value_heads=4)  # 168 = 21 * 8
+    with pytest.raises(ValueError, match=r"hidden size 168.*nearest supported: 160 or 172"):
+        hadacore.convert(m, tmp_path / "o", method="rtn", group_size=8)
+    hadacore.convert(m, tmp_path / "o", method="rtn", group_size=8, rotate="none")  # fine without rotation
+
+
+def test_rejects_group_size_that_does_not_divide(model, tmp_path):
+    with pytest.raises(ValueError, match=r"group size 48 does not divide the input size 64 of q_proj.*\[32, 64, -1\]"):
+        hadacore.convert(model, tmp_path / "o", method="rtn", group_size=48)
+    m = tiny_llama(intermediate_size=96)  # down_proj shard of 48 columns at tp=2
+    with pytest.raises(ValueError, match=r"group size 32 does not divide the input size 48 of down_proj \(per TP shard\)"):
+        hadacore.convert(m, tmp_path / "o", method="rtn", group_size=32, tp=2)
+
+
+def test_rejects_missing_and_corrupt_shards(model, tmp_path):
+    src = tmp_path / "hf"
+    model.save_pretrained(src, max_shard_size="100KB")
+    shards = sorted(src.glob("*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="missing weight shard"):
+        hadacore.convert(src, tmp_path / "o", method="rtn", group_size=16)
+    (tmp_path / "moved").rename(shards[-1])
+    shards[0].write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt safetensors shard"):
+        hadacore.convert(src, tmp_path / "o", method="rtn", group_size=16)
+    assert not (tmp_path / "o").exists()
+
+
+def test_gptq_needs_tokens_without_tokenizer(model, tmp_path):
+    with pytest.raises(ValueError, match="LongTensor"):
+        hadacore.convert(model, tmp_path / "o", calibration=["some text"], group_size=16)
+    with pytest.raises(ValueError, match="LongTensor"):
+        hadacore.convert(model, tmp_path / "o", calibration=torch.zeros(4, 8), group_size=16)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def test_cli_convert_from_hf_directory(model, tokens, tmp_path):
+    from hadacore.convert.cli import main
+
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    out = tmp_path / "q"
+    assert main([str(src), str(out), "--method", "rtn", "--group-size", "16", "--rotate", "full", "--dtype", "float32"]) == 0
+    assert main([str(src), str(out), "--method", "rtn", "--group-size", "16"]) == 2  # exists, no --force
+    assert rel(logits(load(out), tokens), logits(model, tokens)) < 0.2
+
+
+def test_import_hadacore_does_not_import_transformers():
+    code = "import sys, hadacore; assert 'transformers' not in sys.modules; assert callable(hadacore.convert); print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_load_tp_delegates_to_distributed(tmp_path, model, monkeypatch):
+    import hadacore.distributed
+
+    out = tmp_path / "o"
+    hadacore.convert(model, out, method="rtn", group_size=16)
+    with pytest.raises(ValueError, match="tp_rank"):
+        load(out, tp_rank=1)
+    calls = []
+    monkeypatch.setattr(hadacore.distributed, "load_sharded", lambda path, **kw: calls.append((path, kw)) or "rank model")
+    assert load(out, tp_rank=1, tp_size=2) == "rank model"
+    assert calls == [(out, {"tp_rank": 1, "tp_size": 2, "device": "cpu"})]
