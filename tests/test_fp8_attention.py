@@ -237,6 +237,40 @@ def test_triton_strided_inputs_and_non_pow2_head_dim():
     assert rel_err(got8, fp8_attention_emulated(q, k, v, True)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 80])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_triton_r3_quantize_matches_torch(dtype, d, rotate):
+    """The fused R3 + FP8 kernel gives the emulation's scales and FP8 codes."""
+    kmod = _triton()
+    q, _, _ = make_qkv(2, 3, 3, 33, d, dtype, seed=15)
+    q[1, 1] = 0.0  # an all-zero head
+    q = q.transpose(2, 3).contiguous().transpose(2, 3)  # column-major heads: any strides
+    y8, s = kmod.r3_quantize_fp8_triton(q, rotate=rotate)
+    r8, rs = quantize_fp8_per_head(r3_rotate(q) if rotate else q)
+    assert y8.dtype == FP8_DTYPE and y8.is_contiguous() and s.shape == (2, 3)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    # The rotation's fp32 sums are ordered differently (tl.dot vs Kronecker factors): a
+    # value on an e4m3 rounding boundary may move one step; anything more is a bug.
+    differ = y8.float() != r8.float()
+    assert differ.float().mean().item() <= 1e-3
+    assert rel_err(y8.float() * s[..., None, None], r8.double() * rs.double()[..., None, None]) < 1e-3
+
+
+def test_triton_fp8_rounding_is_round_to_nearest_even():
+    """Every e4m3 value, every midpoint between neighbours and the floats either side of
+    it, through the quantize kernel with scale 1 (the head's amax is 448): torch's codes."""
+    kmod = _triton()
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    codes = codes[~codes.isnan()].unique()
+    mids = (codes[1:] + codes[:-1]) / 2
+    x = torch.cat([codes, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    x = torch.cat([x, torch.full((-x.numel() % 64,), 448.0)]).view(1, 1, -1, 64)
+    y8, s = kmod.r3_quantize_fp8_triton(x, rotate=False)
+    assert s.item() == 1.0
+    assert torch.equal(y8.float(), x.to(FP8_DTYPE).float())
+
+
 def test_triton_fp16_widened_path_equals_fp8_dot():
     """GPUs without FP8 dots widen the same e4m3 values to fp16 (exact): same products."""
     kmod = _triton()
@@ -266,13 +300,24 @@ h100 = compile_ptx(90, "fp8e4nv", "bf16", IS_CAUSAL=True, BLOCK_D=128, EVEN_D=Tr
 ada = compile_ptx(89, "fp8e4nv", "fp16", IS_CAUSAL=False, BLOCK_D=128, EVEN_D=False, **base)
 assert "wgmma" in h100 and "e4m3" in h100, "sm90: expected FP8 wgmma"
 assert "mma" in ada and "e4m3" in ada, "sm89: expected FP8 mma"
+
+from hadacore.kernels.fp8_attention import _r3_fp8_quant_kernel as quant
+types = {"X": "bf16", "Hmat": "bf16", "Amax": "fp32", "Scale": "fp32", "Y": "fp8e4nv"}
+for q in (False, True):
+    const = dict(QUANTIZE=q, ROTATE=True, DOT_F32=False, EVEN_D=True, BLOCK_S=64, BLOCK_D=128)
+    sig = {n: "*" + types[n] if n in types else "constexpr" if n in const
+           else "fp32" if n == "rot_scale" else "i32" for n in quant.arg_names}
+    src = ASTSource(quant, sig, {(quant.arg_names.index(n),): val for n, val in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert ("e4m3" in ptx) == q
 print("ok")
 """
 
 
 def test_kernel_compiles_to_fp8_tensor_core_ptx():
-    """Without a GPU: the real Triton compiler lowers the kernel to FP8 wgmma (sm90) and
-    FP8 mma (sm89) PTX, so the CUDA path is at least well-formed for the hardware."""
+    """Without a GPU: the real Triton compiler lowers the attention kernel to FP8 wgmma
+    (sm90) and FP8 mma (sm89) PTX, and the R3 + quantize kernel for sm90, so the CUDA path
+    is at least well-formed for the hardware."""
     import subprocess
     import sys
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from hadacore.lowering.fp8_attention import check_attention_args, prepare_qk
 
-__all__ = ["attention_fwd_triton", "fp8_attention_triton", "supports_fp8_dot"]
+__all__ = ["attention_fwd_triton", "fp8_attention_triton", "r3_quantize_fp8_triton", "supports_fp8_dot"]
 
 _LOG2E = 1.4426950408889634
 
@@ -158,6 +158,115 @@ def _attention_fwd_kernel(
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _round_to_e4m3(y):
+    """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3 value, ties to even, in fp32.
+
+    The later cast of an exactly representable value is then exact everywhere. (The triton
+    3.9 interpreter's own fp32 -> e4m3 cast drops the carry when rounding crosses a binade,
+    127.1 -> 64, and flushes subnormals wrongly; hardware ``cvt.rn`` is right, and this
+    gives the same codes as both it and torch.)
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3 subnormals share 2^-6's step
+    inv_step = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e), exact
+    step = ((127 - 3 + e) << 23).to(tl.float32, bitcast=True)
+    v = tl.abs(y) * inv_step  # < 16: the 4 significant bits of e4m3 in the integer part
+    r = (v + 8388608.0) - 8388608.0  # + 2^23 - 2^23: round to an integer, ties to even
+    return tl.where(y < 0, -r, r) * step
+
+
+@triton.jit
+def _r3_fp8_quant_kernel(
+    X, Hmat, Amax, Scale, Y,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    HEADS, S, D, rot_scale,
+    QUANTIZE: tl.constexpr, ROTATE: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """R3 + per-head FP8 quantization of ``x [B, H, S, D]``, in two launches over one grid.
+
+    ``QUANTIZE=False``: ``Amax[b, h] = max |x R|`` (atomic max over the S tiles).
+    ``QUANTIZE=True``: ``Y = e4m3(clamp((x R) / Scale[b, h]))``, Y contiguous.
+    ``x R = (x @ H_D) * rot_scale``: one ``tl.dot`` with the +-1 matrix H_D (zero-padded to
+    BLOCK_D), exact products in x's own dtype and fp32 accumulation; the second launch
+    recomputes it rather than reading an fp32 copy (x is 2 bytes, the copy would be 4).
+    """
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HEADS
+    h = pid_bh % HEADS
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < S
+    d_ok = offs_d < D
+    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = _load_tile(base + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd, s_ok, d_ok, True, EVEN_D)
+    if ROTATE:
+        hm = tl.load(Hmat + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+        if DOT_F32:
+            y = tl.dot(x.to(tl.float32), hm.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(x, hm)
+        y = y * rot_scale
+    else:
+        y = x.to(tl.float32)
+    if QUANTIZE:
+        scale = tl.load(Scale + pid_bh)
+        # IEEE division (div_rn), as torch's x / s: the same FP8 codes as the emulation.
+        y8 = _round_to_e4m3(tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)).to(Y.dtype.element_ty)
+        out = Y + pid_bh.to(tl.int64) * S * D + offs_s[:, None] * D + offs_d[None, :]
+        tl.store(out, y8, mask=s_ok[:, None] & d_ok[None, :])
+    else:
+        tl.atomic_max(Amax + pid_bh, tl.max(tl.max(tl.abs(y), 1), 0))
+
+
+_HMAT_CACHE: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _padded_hadamard(d: int, block_d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``hadamard_matrix(d)`` (entries +-1, exact in any float dtype), zero-padded to block_d."""
+    key = (d, block_d, dtype, device)
+    if key not in _HMAT_CACHE:
+        from hadacore.hadamard import hadamard_matrix
+
+        hm = torch.zeros(block_d, block_d, dtype=dtype, device=device)
+        hm[:d, :d] = hadamard_matrix(d).to(dtype)
+        _HMAT_CACHE[key] = hm
+    return _HMAT_CACHE[key]
+
+
+def r3_quantize_fp8_triton(x: Tensor, *, rotate: bool) -> tuple[Tensor, Tensor]:
+    """Triton version of ``quantize_fp8_per_head(r3_rotate(x) if rotate else x)``.
+
+    ``x [B, H, S, D]`` fp16/bf16/fp32, any strides, ``D <= 256``. Returns ``(x8, scale)``:
+    contiguous float8_e4m3fn ``[B, H, S, D]`` and fp32 ``[B, H]`` with ``x R ~= x8 * scale``.
+    The rotation's fp32 accumulation order differs from the native Hadamard's, so an
+    element can land one e4m3 step away from the emulation's when it sits on a rounding
+    boundary; the scales agree to fp32 rounding. Needs FP8 conversions: sm89+, or the
+    interpreter.
+    """
+    bsz, heads, s, d = x.shape
+    if d > 256:
+        raise ValueError(f"r3_quantize_fp8_triton: head_dim {d} > 256 is not supported")
+    y = torch.empty((bsz, heads, s, d), dtype=torch.float8_e4m3fn, device=x.device)
+    amax = torch.zeros((bsz, heads), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, amax.clamp_(min=torch.finfo(torch.float32).tiny)
+    interp = _interpreting()
+    block_d = _pow2_at_least(d, 16)
+    dot_f32 = x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16)
+    hm = _padded_hadamard(d, block_d, torch.float32 if dot_f32 else x.dtype, x.device) if rotate else amax
+    block_s = 16 if interp else (32 if dot_f32 or block_d > 128 else 64)
+    grid = (bsz * heads, triton.cdiv(s, block_s))
+    common = dict(ROTATE=rotate, DOT_F32=dot_f32, EVEN_D=block_d == d, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    args = (*x.stride(), heads, s, d, 1.0 / math.sqrt(d) if rotate else 1.0)
+    _r3_fp8_quant_kernel[grid](x, hm, amax, amax, y, *args, QUANTIZE=False, **common)
+    scale = (amax / 448.0).clamp_(min=torch.finfo(torch.float32).tiny)
+    _r3_fp8_quant_kernel[grid](x, hm, amax, scale, y, *args, QUANTIZE=True, **common)
+    return y, scale
+
+
 def _interpreting() -> bool:
     return not isinstance(_attention_fwd_kernel, triton.runtime.jit.JITFunction)
 
@@ -251,24 +360,35 @@ def fp8_attention_triton(
     rotate: bool = True,
     quantize: bool = True,
     fp8_dot: Optional[bool] = None,
+    fused_prep: Optional[bool] = None,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """``hadacore::fp8_attention`` in Triton (semantics: :mod:`hadacore.lowering.fp8_attention`).
 
-    R3 and the per-head FP8 quantization run as torch ops (:func:`prepare_qk`, shared with
-    the CPU emulation), then one attention kernel. ``fp8_dot`` (default: when the device
-    supports it) feeds the FP8 tensors to ``tl.dot``; ``False`` widens the same FP8 values
-    to fp16 (exact) for 16-bit dots -- identical products, for GPUs before sm89. Runs on
-    CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``.
+    Two steps: R3 + per-head FP8 quantization of Q and K, then one attention kernel.
+    ``fused_prep`` (default: with FP8 on a device that converts to it) quantizes with
+    :func:`r3_quantize_fp8_triton` (two small launches per tensor, the rotation as one
+    ``tl.dot``); otherwise with torch ops (:func:`prepare_qk`, exactly the emulation's).
+    ``fp8_dot`` (default: when the device supports it) feeds the FP8 tensors to ``tl.dot``;
+    ``False`` widens the same FP8 values to fp16 (exact) for 16-bit dots -- identical
+    products, for GPUs before sm89. Runs on CUDA tensors, and on CPU tensors when
+    ``TRITON_INTERPRET=1``.
     """
     check_attention_args(q, k, v, rotate)
     d = q.shape[-1]
-    q_op, k_op, sq, sk = prepare_qk(q, k, rotate=rotate, quantize=quantize)
+    if fp8_dot is None:
+        fp8_dot = supports_fp8_dot(q.device)
+    if fused_prep is None:
+        fused_prep = quantize and fp8_dot and d <= 256
+    if fused_prep:
+        if not quantize:
+            raise ValueError("fp8_attention_triton: fused_prep=True needs quantize=True")
+        (q_op, sq), (k_op, sk) = r3_quantize_fp8_triton(q, rotate=rotate), r3_quantize_fp8_triton(k, rotate=rotate)
+    else:
+        q_op, k_op, sq, sk = prepare_qk(q, k, rotate=rotate, quantize=quantize)
     if quantize:
-        if fp8_dot is None:
-            fp8_dot = supports_fp8_dot(q.device)
         if not fp8_dot:
             q_op, k_op = q_op.to(torch.float16), k_op.to(torch.float16)
     elif rotate and q.dtype != torch.float32:
