@@ -120,16 +120,21 @@ def capture(fn, *args, dynamic=False):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(fn, backend=backend, dynamic=dynamic)(*args)
+    with torch.no_grad():  # inference graphs (a grad-mode graph keeps dequantize -> linear)
+        torch.compile(fn, backend=backend, dynamic=dynamic)(*args)
     assert len(graphs) == 1, f"expected one graph, got {len(graphs)}"
     return graphs[0]
 
 
-def apply_passes(gm, example_inputs, **options) -> PassContext:
-    """Run the backend's passes and lowering on a captured graph in place; return the context."""
-    ctx = PassContext(gm, example_inputs, validate_options(options))
-    run_passes(ctx)
-    lower(ctx)
+def apply_passes(gm, example_inputs, *, lowering: bool = False, **options) -> PassContext:
+    """Run the backend's passes (and, with ``lowering``, the per-device lowering) on a
+    captured graph in place; return the context. Without lowering the graph computes with
+    the exact generic ops, so pass tests can hold fp32 tolerances."""
+    with torch.no_grad():
+        ctx = PassContext(gm, example_inputs, validate_options(options))
+        run_passes(ctx)
+        if lowering:
+            lower(ctx)
     return ctx
 
 

@@ -89,3 +89,18 @@ def test_quantlinear_pattern_rewritten_to_w4a16(online):
     s = hadacore.stats()
     assert (s["linear_found"], s["linear_rewritten"], s["linear_fused"]) == (3, 3, 2)
     assert rel_err(gm(*inputs)[0], expect) < 1e-5
+
+
+def test_cpu_lowering_prepares_weights_once():
+    model = quantize_modules(_MLP(), 32, act_order=("down_proj",))
+    x = torch.randn(2, 5, 64)
+    expect = model(x)
+    gm, inputs = capture(model, x)
+    apply_passes(gm, inputs, lowering=True)
+    assert count(gm, W4A16) == 0 and count(gm, torch.ops.hadacore.w4a16_gemm_cpu) == 2
+    choices = [n.meta["hadacore_lowering"] for n in gm.graph.nodes if "hadacore_lowering" in n.meta]
+    assert choices == ["cpu:prepared int4+bf16"] * 2
+    # only the prepared tensors stay alive: the fused/sorted GPTQ constants were dropped
+    assert all(n.split("_")[-2] in ("packed", "zeros", "weight", "perm") or "perm" in n
+               for n, _ in gm.named_buffers() if n.startswith("_hadacore_") and "bias" not in n), list(dict(gm.named_buffers()))
+    assert rel_err(gm(*inputs)[0], expect) < 1e-2  # bf16 activations: the W4A16 CPU contract

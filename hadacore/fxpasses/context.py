@@ -105,6 +105,11 @@ class PassContext:
             if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
                 self.values[node] = value
         self.sites: list[LinearSite] = []
+        # A graph traced with grad enabled and an input requiring grad gets an autograd
+        # (joint) graph from AOTAutograd; hadacore::w4a16_gemm has no backward formula.
+        self.needs_grad = torch.is_grad_enabled() and any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs
+        )
         self.attention: list[AttentionBlock] = []
         self.block_graph = None  # networkx.DiGraph, built by the block_graph pass
         self.mlps: list = []  # block_graph.MLPBlock: (gate, up, down) triples

@@ -23,6 +23,8 @@ def _key(site):
 
 
 def fuse_horizontal(ctx: PassContext) -> None:
+    if ctx.needs_grad:
+        return  # autograd graphs keep per-layer dequantize -> linear (see rewrite_w4a16)
     groups = defaultdict(list)
     for s in ctx.sites:
         if s.kind == "gptq" and not s.rewritten and s.gather is None:

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from hadacore.fxpasses.context import LinearSite, PassContext, example_value
-from hadacore.fxpasses.stats import bump
+from hadacore.fxpasses.stats import bump, skip
 
 log = logging.getLogger("hadacore.compiler")
 
@@ -45,6 +45,8 @@ def emit_w4a16(ctx: PassContext, site: LinearSite, x: fx.Node, before: fx.Node, 
     nodes = gptq_arg_nodes(ctx, site, before)
     if site.gather is not None:
         x = gather_input(ctx, site, x, before)
+    if ctx.needs_grad:
+        return _emit_dequant_linear(ctx, site, x, nodes, before, bias)
     with ctx.graph.inserting_before(before):
         node = ctx.graph.call_function(
             torch.ops.hadacore.w4a16_gemm.default,
@@ -54,15 +56,33 @@ def emit_w4a16(ctx: PassContext, site: LinearSite, x: fx.Node, before: fx.Node, 
     return node
 
 
+def _emit_dequant_linear(ctx, site, x, nodes, before, bias) -> fx.Node:
+    """The differentiable form ``linear(x, dequantize(W).to(x.dtype), bias)`` for autograd graphs."""
+    ev = example_value(x)
+    with ctx.graph.inserting_before(before):
+        w = ctx.graph.call_function(
+            torch.ops.hadacore.gptq_dequantize.default,
+            (nodes["qweight"], nodes["qzeros"], nodes["scales"], nodes["g_idx"], site.group_size, site.bits),
+        )
+        if ev is not None:
+            w = ctx.graph.call_method("to", (w, ev.dtype))
+        return ctx.graph.call_function(torch._C._nn.linear, (x, w, bias))
+
+
 def rewrite_w4a16(ctx: PassContext) -> None:
     for site in ctx.sites:
         if site.kind != "gptq" or site.rewritten:
             continue
+        if ctx.needs_grad:
+            skip("autograd graph (w4a16_gemm has no backward): kept dequantize -> linear", site.name)
+            if site.gptq_nodes is not None and site.gather is None:
+                continue  # the original pattern is already the differentiable form
         node = site.node
         new = emit_w4a16(ctx, site, site.x, node, site.bias_arg)
         new.meta["example_value"] = example_value(node)
         node.replace_all_uses_with(new)
         ctx.graph.erase_node(node)
         site.node, site.rewritten = new, True
-        bump("linear_rewritten")
+        if not ctx.needs_grad:
+            bump("linear_rewritten")
         log.debug("hadacore: %s -> w4a16_gemm", site.name)

@@ -1,10 +1,18 @@
 """FX-level lowering: pick, per device, the implementation of each fused ``hadacore::*`` node.
 
-The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged. CUDA nodes keep
-the op, whose CUDA registration launches the Triton kernel (SplitK config chosen at run
-time from the real M, so a dynamic batch/sequence never forces a recompile). CPU nodes use
-the native path: a prepared-weight int4 kernel when ``hadacore.lowering.w4a16`` offers one
-(``prepare_cpu_w4a16``), else the op's generic native implementation.
+The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged.
+
+- CUDA: the node keeps ``hadacore::w4a16_gemm``, whose CUDA registration launches the
+  Triton kernel; the SplitK config is chosen at run time from the real M inside the op,
+  so a dynamic batch/sequence never forces a recompile.
+- CPU: the weight is prepared once, at compile time
+  (``hadacore.lowering.w4a16.prepare_w4a16_cpu``: repacked for torch's int4 kernel plus a
+  bf16 copy for larger M), the prepared tensors become graph constants, and the node
+  becomes ``hadacore::w4a16_gemm_cpu`` (int4 kernel for small M, bf16 BLAS above; the
+  choice is made per call inside the op, again without guards). W4A16 means 16-bit
+  activations: on this path activations are computed in bf16 whatever the model dtype,
+  so results match the fp32 reference to bf16 tolerance (~1e-2), not fp32's. Like
+  compile-time quantization it snapshots the weights.
 
 Shape conditions are checked on the (possibly symbolic) sizes with
 ``statically_known_true``, which never adds a guard: a condition that is not provable for
@@ -21,7 +29,9 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from hadacore.fxpasses.cleanup import drop_unused_constants
 from hadacore.fxpasses.context import PassContext, example_value, is_call
+from hadacore.lowering.w4a16 import prepare_w4a16_cpu
 
 __all__ = ["lower", "known_multiple"]
 
@@ -44,23 +54,39 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
     device = x.device.type if x is not None else "cpu"
     k = x.shape[-1] if x is not None else None
     if device == "cuda":
-        # The Triton SplitK kernel masks any M/N/K tail; a K that is provably a multiple of
-        # the group size lets its K loop skip the group-boundary checks.
+        # The Triton SplitK kernel masks any M/N/K tail; the config is picked per call.
         return "cuda:triton-w4a16" + ("" if k is None or not known_multiple(k, 64) else " (K%64==0)")
-    try:
-        from hadacore.lowering import w4a16 as native
-    except ImportError:  # pragma: no cover
-        native = None
-    if native is not None and hasattr(native, "prepare_cpu_w4a16"):
-        return "cpu:prepared-int4"
-    return "cpu:native"
+    if device != "cpu":
+        return f"{device}:native"
+    _, qweight, qzeros, scales, g_idx, bias, group_size = node.args[:7]
+    tensors = [ctx.constant(a) for a in (qweight, qzeros, scales)]
+    gi = ctx.constant(g_idx) if g_idx is not None else None
+    if any(t is None for t in tensors) or (g_idx is not None and gi is None):
+        return "cpu:native (weights are not constants)"
+    prepared = prepare_w4a16_cpu(*tensors, gi, group_size)
+    names = ("packed", "scales_and_zeros", "weight", "perm")
+    args = [None if t is None else ctx.add_constant(f"{node.name}.{n}", t, node) for n, t in zip(names, prepared.op_args()[:4])]
+    with ctx.graph.inserting_before(node):
+        new = ctx.graph.call_function(
+            torch.ops.hadacore.w4a16_gemm_cpu.default,
+            (node.args[0], *args, bias, prepared.int4_group_size, prepared.out_features, prepared.int4_max_m),
+        )
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.graph.erase_node(node)
+    choice = "cpu:prepared " + ("int4+bf16" if prepared.packed is not None else "bf16")
+    new.meta["hadacore_lowering"] = choice
+    return choice
 
 
 def lower(ctx: PassContext) -> fx.GraphModule:
-    """Annotate every fused node with its per-device implementation."""
-    for node in ctx.graph.nodes:
+    """Pick the per-device implementation of every fused node (see the module docstring)."""
+    for node in list(ctx.graph.nodes):
         if is_call(node, _W4A16):
+            name = node.name
             node.meta["hadacore_lowering"] = choice = _lower_w4a16(ctx, node)
-            log.debug("hadacore: %s lowered to %s", node.name, choice)
+            log.debug("hadacore: %s lowered to %s", name, choice)
+    ctx.graph.eliminate_dead_code()
+    drop_unused_constants(ctx)
     ctx.gm.recompile()
     return ctx.gm
