@@ -7,11 +7,11 @@ Decomposition
 ``n = m * p`` with ``p = 2**k`` and ``m`` a base order or 1 (``hadamard_factors``). A row
 is a tensor of "digit" axes, slowest first::
 
-    (M_PAD, r, 16, 16, ..., 16)        p = r * 16**a,  r in {1, 2, 4, 8}
+    (M_PAD, 2, .., 2, 16, 16, ..., 16)        p = 2**r_bits * 16**n16,  r_bits < 4
 
 where ``M_PAD`` is ``m`` rounded up to a power of two (>= 16) and only the first ``m``
 slices along it are real. Sylvester's ``H_p`` is the Kronecker product of ``H_16`` over
-every 16-axis and ``H_r`` over the r-axis (in any grouping of the bits), and the base
+every 16-axis and ``H_2`` over each leftover 2-axis (any grouping of the bits works), and the base
 mix is ``H_m`` over the M-axis, so the transform is one small matmul per axis. Each
 *stage* views the register tile ``[ROWS, L]`` as ``[ROWS * L / F, F]`` (F = the last
 axis), applies the ``F x F`` matrix with one ``tl.dot``, and rotates that axis to the
@@ -19,14 +19,16 @@ front (``[ROWS, L/F, F] -> [ROWS, F, L/F]``); after one stage per axis the origi
 order is back. The three kinds of stage:
 
 * ``H_16`` along a 16-axis: a ``[R, 16] @ [16, 16]`` dot;
-* ``H_r`` (r < 16): the same dot with ``kron(I_{16/r}, H_r)`` -- 16/r consecutive r-blocks
-  share one 16-wide tile, and the block-diagonal matrix keeps them apart;
+* ``H_2`` along each of the (at most three) leftover 2-axes: a radix-2 butterfly in fp32
+  (``tl.split`` / ``tl.join``), not a block-diagonal ``kron(I_{16/r}, H_r)`` tile: that
+  tile's zeros meet the data, and ``0 * inf = NaN`` would carry an Inf of one row into its
+  tile-mates (other rows, when n < 16); the butterfly is also cheaper (1 add per element);
 * ``H_m``: ``[R, M_PAD] @ [M_PAD, M_PAD]`` with ``H_m^T`` zero-padded. The *matrix* is
   padded, never the data: padded slices are loaded as 0 and every real output only
   sums real inputs (the padded matrix columns are 0), so nothing padded leaks into a
   stored value, not even a NaN.
 
-The matrices ``H_16`` / ``kron(I, H_r)`` are built in registers from bit parities;
+``H_16`` is built in registers from bit parities;
 ``H_m^T`` comes from :func:`hadacore.hadamard.hadamard_base` (cached per device).
 
 Execution plans (:func:`_plan`; thresholds in :class:`HadamardConfig`)
@@ -87,14 +89,13 @@ _F32_DOT_MODES = {"ieee": 0, "split": 1}
 
 
 @triton.jit
-def _pm1_tile(BLOCK: tl.constexpr):
-    """[16, 16] fp32 ``kron(I_{16/BLOCK}, H_BLOCK)`` (Sylvester); ``BLOCK == 16`` gives ``H_16``."""
+def _h16():
+    """Sylvester's ``H_16`` as a [16, 16] fp32 tile: ``H[i, j] = (-1)^popcount(i & j)``."""
     i = tl.arange(0, 16)[:, None]
     j = tl.arange(0, 16)[None, :]
-    b = i & j & (BLOCK - 1)
-    parity = (b ^ (b >> 1) ^ (b >> 2) ^ (b >> 3)) & 1  # H[i, j] = (-1)^popcount(i & j)
-    h = 1.0 - 2.0 * parity.to(tl.float32)
-    return tl.where((i // BLOCK) == (j // BLOCK), h, 0.0)
+    b = i & j
+    parity = (b ^ (b >> 1) ^ (b >> 2) ^ (b >> 3)) & 1
+    return 1.0 - 2.0 * parity.to(tl.float32)
 
 
 @triton.jit
@@ -114,7 +115,8 @@ def _dot_pm1(a, h, F32_DOT: tl.constexpr, BF16_DOT: tl.constexpr):
         if F32_DOT == 1:
             # a == hi + mid + lo to fp32 precision; each piece times +-1 is exact in bf16.
             hi = a.to(tl.bfloat16)
-            rest = a - hi.to(tl.float32)
+            hi32 = hi.to(tl.float32)
+            rest = tl.where(hi32 == a, 0.0, a - hi32)  # +-inf: inf - inf would turn into NaN
             mid = rest.to(tl.bfloat16)
             lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
             acc = _dot_exact(hi, h, BF16_DOT)
@@ -126,31 +128,43 @@ def _dot_pm1(a, h, F32_DOT: tl.constexpr, BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _stage(t, ROWS: tl.constexpr, L: tl.constexpr, F: tl.constexpr, K: tl.constexpr, h,
-           F32_DOT: tl.constexpr, BF16_DOT: tl.constexpr):
-    """Apply ``h`` ([K, K]) along the last axis (size F) of ``t`` viewed as [ROWS, L/F, F],
-    then rotate that axis to the front. ``K == F``, or ``K == 16 > F`` with h block-diagonal."""
-    y = _dot_pm1(tl.reshape(t, (ROWS * L // K, K)), h, F32_DOT, BF16_DOT)
+def _rotate(y, ROWS: tl.constexpr, L: tl.constexpr, F: tl.constexpr):
+    """[ROWS, L] viewed as [ROWS, L/F, F] -> [ROWS, F, L/F]: the last axis moves to the front."""
     if L != F:
         y = tl.permute(tl.reshape(y, (ROWS, L // F, F)), (0, 2, 1))
     return tl.reshape(y, (ROWS, L))
 
 
 @triton.jit
-def _transform_rows(t, ROWS: tl.constexpr, L: tl.constexpr, M_PAD: tl.constexpr, RR: tl.constexpr,
+def _stage(t, ROWS: tl.constexpr, L: tl.constexpr, F: tl.constexpr, h,
+           F32_DOT: tl.constexpr, BF16_DOT: tl.constexpr):
+    """Apply ``h`` ([F, F]) along the last axis of ``t`` viewed as [ROWS, L/F, F]; rotate."""
+    y = _dot_pm1(tl.reshape(t, (ROWS * L // F, F)), h, F32_DOT, BF16_DOT)
+    return _rotate(y, ROWS, L, F)
+
+
+@triton.jit
+def _butterfly(t, ROWS: tl.constexpr, L: tl.constexpr):
+    """``H_2`` along the last (size 2) axis of ``t`` viewed as [ROWS, L/2, 2], in fp32; rotate."""
+    a, b = tl.split(tl.reshape(t.to(tl.float32), (ROWS * L // 2, 2)))
+    return _rotate(tl.join(a + b, a - b), ROWS, L, 2)
+
+
+@triton.jit
+def _transform_rows(t, ROWS: tl.constexpr, L: tl.constexpr, M_PAD: tl.constexpr, R_BITS: tl.constexpr,
                     N16: tl.constexpr, hmt_ptr, F32_DOT: tl.constexpr, BF16_DOT: tl.constexpr):
-    """Hadamard over each row of ``t`` [ROWS, L], rows laid out as axes (M_PAD, RR, 16 x N16)."""
+    """Hadamard over each row of ``t`` [ROWS, L], rows laid out as axes (M_PAD, 2 x R_BITS, 16 x N16)."""
     if N16 > 0:
-        h16 = _pm1_tile(16)
-        t = _stage(t, ROWS, L, 16, 16, h16, F32_DOT, BF16_DOT)  # peeled: 16-bit in, fp32 out
+        h16 = _h16()
+        t = _stage(t, ROWS, L, 16, h16, F32_DOT, BF16_DOT)  # peeled: 16-bit in, fp32 out
         for _ in tl.static_range(N16 - 1):
-            t = _stage(t, ROWS, L, 16, 16, h16, F32_DOT, BF16_DOT)
-    if RR > 1:
-        t = _stage(t, ROWS, L, RR, 16, _pm1_tile(RR), F32_DOT, BF16_DOT)
+            t = _stage(t, ROWS, L, 16, h16, F32_DOT, BF16_DOT)
+    for _ in tl.static_range(R_BITS):
+        t = _butterfly(t, ROWS, L)
     if M_PAD > 1:
         k = tl.arange(0, M_PAD)
         hmt = tl.load(hmt_ptr + k[:, None] * M_PAD + k[None, :])
-        t = _stage(t, ROWS, L, M_PAD, M_PAD, hmt, F32_DOT, BF16_DOT)
+        t = _stage(t, ROWS, L, M_PAD, hmt, F32_DOT, BF16_DOT)
     return t
 
 
@@ -164,8 +178,8 @@ def _hadamard_kernel(
     A: tl.constexpr,          # strided axis of the tile (power of two; columns >= n_cols are padding)
     A_STRIDE: tl.constexpr,   # columns between consecutive A slices
     B: tl.constexpr,          # contiguous columns of the tile
-    A_M_PAD: tl.constexpr, A_RR: tl.constexpr, A_N16: tl.constexpr,  # axes transformed along A
-    B_RR: tl.constexpr, B_N16: tl.constexpr,                         # axes transformed along B
+    A_M_PAD: tl.constexpr, A_RBITS: tl.constexpr, A_N16: tl.constexpr,  # axes transformed along A
+    B_RBITS: tl.constexpr, B_N16: tl.constexpr,                         # axes transformed along B
     HAS_SIGNS: tl.constexpr, HAS_DEST: tl.constexpr, FINAL: tl.constexpr,
     F32_DOT: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
@@ -188,13 +202,13 @@ def _hadamard_kernel(
         s = tl.load(signs_ptr + col, mask=col_ok, other=0.0)
         t = t.to(tl.float32) * s.to(tl.float32)[None, :, :]
 
-    if B_RR > 1 or B_N16 > 0:
+    if B_RBITS > 0 or B_N16 > 0:
         t = tl.reshape(t, (BLOCK_ROWS * A, B))
-        t = _transform_rows(t, BLOCK_ROWS * A, B, 1, B_RR, B_N16, hmt_ptr, F32_DOT, BF16_DOT)
+        t = _transform_rows(t, BLOCK_ROWS * A, B, 1, B_RBITS, B_N16, hmt_ptr, F32_DOT, BF16_DOT)
         t = tl.reshape(t, (BLOCK_ROWS, A, B))
-    if A_M_PAD > 1 or A_RR > 1 or A_N16 > 0:
+    if A_M_PAD > 1 or A_RBITS > 0 or A_N16 > 0:
         t = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_ROWS * B, A))
-        t = _transform_rows(t, BLOCK_ROWS * B, A, A_M_PAD, A_RR, A_N16, hmt_ptr, F32_DOT, BF16_DOT)
+        t = _transform_rows(t, BLOCK_ROWS * B, A, A_M_PAD, A_RBITS, A_N16, hmt_ptr, F32_DOT, BF16_DOT)
         t = tl.permute(tl.reshape(t, (BLOCK_ROWS, B, A)), (0, 2, 1))
 
     y = t.to(tl.float32)
@@ -273,9 +287,9 @@ def _log2(v: int) -> int:
 
 
 def _digits(size: int) -> tuple[int, int]:
-    """A power of two as ``r * 16**a`` with r in {1, 2, 4, 8}: returns (r, a); 1 -> (1, 0)."""
+    """A power of two as ``2**r_bits * 16**n16`` with r_bits < 4: returns (r_bits, n16)."""
     k = _log2(size)
-    return 1 << (k % 4), k // 4
+    return k % 4, k // 4
 
 
 def _m_pad(m: int) -> int:
@@ -296,18 +310,18 @@ class _Pass:
     a_stride: int
     b: int
     a_m_pad: int
-    a_rr: int
+    a_rbits: int
     a_n16: int
-    b_rr: int
+    b_rbits: int
     b_n16: int
 
     @property
     def b_stages(self) -> bool:
-        return self.b_rr > 1 or self.b_n16 > 0
+        return self.b_rbits > 0 or self.b_n16 > 0
 
     @property
     def a_stages(self) -> bool:
-        return self.a_m_pad > 1 or self.a_rr > 1 or self.a_n16 > 0
+        return self.a_m_pad > 1 or self.a_rbits > 0 or self.a_n16 > 0
 
     def block_rows(self, rows: int, tile: int) -> int:
         elems = self.a * self.b
@@ -330,8 +344,8 @@ def _chunk_pass(n: int, c: int, tile: int) -> tuple[_Pass, int]:
     """Transform contiguous chunks of ``c`` columns; ``a`` chunks per program (no A stages)."""
     chunks = n // c
     a = min(triton.next_power_of_2(chunks), max(1, tile // c))
-    rr, n16 = _digits(c)
-    return _Pass(piece=a * c, nb=1, a=a, a_stride=c, b=c, a_m_pad=1, a_rr=1, a_n16=0, b_rr=rr, b_n16=n16), triton.cdiv(chunks, a)
+    r_bits, n16 = _digits(c)
+    return _Pass(piece=a * c, nb=1, a=a, a_stride=c, b=c, a_m_pad=1, a_rbits=0, a_n16=0, b_rbits=r_bits, b_n16=n16), triton.cdiv(chunks, a)
 
 
 def _plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
@@ -341,8 +355,8 @@ def _plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
     base_gemm = m_pad > cfg.fused_max_base
     mix_m = m_pad if (m > 1 and not base_gemm) else 1  # M axis done inside _hadamard_kernel
     if mix_m > 1 and mix_m * p <= cfg.fused_max:  # fused: tile [BR, M_PAD, p]
-        rr, n16 = _digits(p)
-        fused = _Pass(piece=n, nb=1, a=mix_m, a_stride=p, b=p, a_m_pad=mix_m, a_rr=1, a_n16=0, b_rr=rr, b_n16=n16)
+        r_bits, n16 = _digits(p)
+        fused = _Pass(piece=n, nb=1, a=mix_m, a_stride=p, b=p, a_m_pad=mix_m, a_rbits=0, a_n16=0, b_rbits=r_bits, b_n16=n16)
         return _Plan(base_gemm, ((fused, 1),))
     if mix_m == 1 and p <= cfg.fused_max:  # m == 1, or H_m done by the base GEMM: n/p pieces of p
         return _Plan(base_gemm, (_chunk_pass(n, p, cfg.tile),))
@@ -351,9 +365,9 @@ def _plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
     g = p // c
     a = mix_m * g
     bb = max(1, min(c, cfg.tile // a))
-    hi_rr, hi_n16 = _digits(g)
+    hi_rbits, hi_n16 = _digits(g)
     piece = n if mix_m > 1 else p
-    hi = _Pass(piece=piece, nb=c // bb, a=a, a_stride=c, b=bb, a_m_pad=mix_m, a_rr=hi_rr, a_n16=hi_n16, b_rr=1, b_n16=0)
+    hi = _Pass(piece=piece, nb=c // bb, a=a, a_stride=c, b=bb, a_m_pad=mix_m, a_rbits=hi_rbits, a_n16=hi_n16, b_rbits=0, b_n16=0)
     return _Plan(base_gemm, (_chunk_pass(n, c, cfg.tile), (hi, (n // piece) * hi.nb)))
 
 
@@ -476,7 +490,7 @@ def hadamard_triton(
             src, dst, signs if use_signs else src, dest if (final and dest is not None) else src, hmt,
             rows, n, src_strides[0], src_strides[1], dst.stride(0), float(scale) if final else 1.0,
             BLOCK_ROWS=br, PIECE=ps.piece, NB=ps.nb, A=ps.a, A_STRIDE=ps.a_stride, B=ps.b,
-            A_M_PAD=ps.a_m_pad, A_RR=ps.a_rr, A_N16=ps.a_n16, B_RR=ps.b_rr, B_N16=ps.b_n16,
+            A_M_PAD=ps.a_m_pad, A_RBITS=ps.a_rbits, A_N16=ps.a_n16, B_RBITS=ps.b_rbits, B_N16=ps.b_n16,
             HAS_SIGNS=use_signs, HAS_DEST=final and dest is not None, FINAL=final,
             num_warps=_num_warps(br * ps.a * ps.b), **common,
         )
