@@ -304,7 +304,7 @@ assert "mma" in ada and "e4m3" in ada, "sm89: expected FP8 mma"
 from hadacore.kernels.fp8_attention import _r3_fp8_quant_kernel as quant
 types = {"X": "bf16", "Hmat": "bf16", "Amax": "fp32", "Scale": "fp32", "Y": "fp8e4nv"}
 for q in (False, True):
-    const = dict(QUANTIZE=q, ROTATE=True, DOT_F32=False, EVEN_D=True, BLOCK_S=64, BLOCK_D=128)
+    const = dict(QUANTIZE=q, ROTATE=True, H_FROM_BITS=True, DOT_F32=False, EVEN_D=True, BLOCK_S=64, BLOCK_D=128)
     sig = {n: "*" + types[n] if n in types else "constexpr" if n in const
            else "fp32" if n == "rot_scale" else "i32" for n in quant.arg_names}
     src = ASTSource(quant, sig, {(quant.arg_names.index(n),): val for n, val in const.items()})

@@ -14,6 +14,10 @@ sum ``l``, rescaled fp32 accumulator), as in Triton's fused-attention tutorial:
 * any ``S``/``S_kv`` (masked tails) and any ``D`` up to 256 (padded to a power of two in
   registers, masked in memory); any strides.
 
+Q and K reach it through ``_r3_fp8_quant_kernel`` (R3 as one ``tl.dot`` with H_D, per-head
+amax by atomic max, then an exact round-to-nearest-even e4m3 store), or through torch ops
+(:func:`hadacore.lowering.fp8_attention.prepare_qk`) where the GPU cannot store e4m3.
+
 Operands of other dtypes take the same kernel: 16-bit Q/K (``quantize=False``, or FP8
 values widened exactly to fp16 on GPUs without FP8 dots) and fp32 (``ieee`` dots, never
 tf32). The Triton interpreter (``TRITON_INTERPRET=1``, triton 3.9) runs FP8 dots exactly
@@ -181,8 +185,8 @@ def _r3_fp8_quant_kernel(
     X, Hmat, Amax, Scale, Y,
     stride_xb, stride_xh, stride_xs, stride_xd,
     HEADS, S, D, rot_scale,
-    QUANTIZE: tl.constexpr, ROTATE: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANTIZE: tl.constexpr, ROTATE: tl.constexpr, H_FROM_BITS: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """R3 + per-head FP8 quantization of ``x [B, H, S, D]``, in two launches over one grid.
 
@@ -191,6 +195,8 @@ def _r3_fp8_quant_kernel(
     ``x R = (x @ H_D) * rot_scale``: one ``tl.dot`` with the +-1 matrix H_D (zero-padded to
     BLOCK_D), exact products in x's own dtype and fp32 accumulation; the second launch
     recomputes it rather than reading an fp32 copy (x is 2 bytes, the copy would be 4).
+    ``H_FROM_BITS`` (D a power of two): Sylvester's ``H[i, j] = (-1)^popcount(i & j)`` is
+    built in registers instead of loaded from ``Hmat``.
     """
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -203,7 +209,15 @@ def _r3_fp8_quant_kernel(
     base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
     x = _load_tile(base + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd, s_ok, d_ok, True, EVEN_D)
     if ROTATE:
-        hm = tl.load(Hmat + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+        if H_FROM_BITS:
+            v = offs_d[:, None] & offs_d[None, :]
+            v = v ^ (v >> 8)
+            v = v ^ (v >> 4)
+            v = v ^ (v >> 2)
+            v = v ^ (v >> 1)
+            hm = (1 - 2 * (v & 1)).to(tl.float32 if DOT_F32 else X.dtype.element_ty)
+        else:
+            hm = tl.load(Hmat + offs_d[:, None] * BLOCK_D + offs_d[None, :])
         if DOT_F32:
             y = tl.dot(x.to(tl.float32), hm.to(tl.float32), input_precision="ieee")
         else:
@@ -256,10 +270,12 @@ def r3_quantize_fp8_triton(x: Tensor, *, rotate: bool) -> tuple[Tensor, Tensor]:
     interp = _interpreting()
     block_d = _pow2_at_least(d, 16)
     dot_f32 = x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16)
-    hm = _padded_hadamard(d, block_d, torch.float32 if dot_f32 else x.dtype, x.device) if rotate else amax
+    h_from_bits = rotate and block_d == d  # a power of two >= 16: Sylvester, no matrix load
+    hm = amax if not rotate or h_from_bits else _padded_hadamard(d, block_d, torch.float32 if dot_f32 else x.dtype, x.device)
     block_s = 16 if interp else (32 if dot_f32 or block_d > 128 else 64)
     grid = (bsz * heads, triton.cdiv(s, block_s))
-    common = dict(ROTATE=rotate, DOT_F32=dot_f32, EVEN_D=block_d == d, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    common = dict(ROTATE=rotate, H_FROM_BITS=h_from_bits, DOT_F32=dot_f32, EVEN_D=block_d == d,
+                  BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     args = (*x.stride(), heads, s, d, 1.0 / math.sqrt(d) if rotate else 1.0)
     _r3_fp8_quant_kernel[grid](x, hm, amax, amax, y, *args, QUANTIZE=False, **common)
     scale = (amax / 448.0).clamp_(min=torch.finfo(torch.float32).tiny)
@@ -380,8 +396,8 @@ def fp8_attention_triton(
     d = q.shape[-1]
     if fp8_dot is None:
         fp8_dot = supports_fp8_dot(q.device)
-    if fused_prep is None:
-        fused_prep = quantize and fp8_dot and d <= 256
+    if fused_prep is None:  # the quantize kernel stores e4m3: sm89+ (or the interpreter)
+        fused_prep = quantize and supports_fp8_dot(q.device) and d <= 256
     if fused_prep:
         if not quantize:
             raise ValueError("fp8_attention_triton: fused_prep=True needs quantize=True")
