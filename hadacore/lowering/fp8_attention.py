@@ -22,9 +22,11 @@ So only Q and K are FP8 (the ``QK^T`` GEMM); V, P, the softmax and all accumulat
 
 Devices: CPU (and anything not CUDA) runs :func:`fp8_attention_emulated` -- the same
 rotation and real ``float8_e4m3fn`` round trips, then exact fp32 attention on the
-dequantized values -- so accuracy can be measured anywhere. CUDA runs the flash-attention
-style Triton kernel in :mod:`hadacore.kernels.fp8_attention` on the very same FP8
-tensors (:func:`prepare_qk` is shared), with FP8 ``tl.dot`` on sm89+.
+dequantized values -- so accuracy can be measured anywhere. CUDA runs the Triton kernels in
+:mod:`hadacore.kernels.fp8_attention`: a fused R3 + quantize kernel that produces the same
+scales and FP8 codes (up to a rare one-step difference where the rotation's fp32 sum,
+ordered differently, sits on a rounding boundary; :func:`prepare_qk` itself on GPUs
+without e4m3 support), then a flash-attention kernel with FP8 ``tl.dot`` on sm89+.
 """
 
 from __future__ import annotations
