@@ -68,6 +68,15 @@ def reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return scale * quarot_matmul_hadU(x.double())
 
 
+def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` values around each fp64 value ``v`` (subnormals included)."""
+    fi = torch.finfo(dtype)
+    digits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[dtype]
+    _, e = torch.frexp(v)  # v = mant * 2**e, 0.5 <= |mant| < 1
+    e = e.clamp(min=math.frexp(fi.tiny)[1])
+    return torch.ldexp(torch.ones_like(v), e - digits)
+
+
 def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
@@ -159,8 +168,8 @@ def test_many_row_blocks_with_tail(monkeypatch: pytest.MonkeyPatch, n: int) -> N
     s = randn(n, seed=1).sign()
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(2))
     assert rel_err(hadamard_transform(x), reference(x)) < TOL[torch.float32]
-    y = torch.ops.hadacore.hadamard(x.bfloat16(), 0.5, s, perm)
-    assert rel_err(y, reference(x.bfloat16() * s, 0.5)[:, perm]) < TOL[torch.bfloat16]
+    y = torch.ops.hadacore.hadamard(x.half(), 0.5, s, perm)
+    assert rel_err(y, reference(x.half() * s, 0.5)[:, perm]) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("n", (1, 2, 32, 1024, 4096, 28, 36 * 8))
@@ -180,6 +189,26 @@ def test_inverse_for_non_symmetric_bases(n: int) -> None:
     assert not torch.equal(h, h.T)
     x = randn(3, n, dtype=torch.float64, seed=n)
     torch.testing.assert_close(hadamard_transform(x) @ h.T, n * x, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", (64, 12 * 16, 768, 1024))
+@pytest.mark.parametrize("scale", (1.0, 0.125, 1 / 24))
+def test_low_precision_output_is_rounded_once(n: int, scale: float) -> None:
+    """bf16/fp16 results are the exact result, up to fp32 accumulation error, rounded
+    once: within half an ulp of the output dtype plus an fp32 accumulation bound,
+    whichever CPU path runs (dense bf16 BLAS for small n with a bf16-exact scale,
+    blocked fp32 factors otherwise). Rounding twice (or accumulating in bf16) breaks it."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x = randn(64, n, dtype=dtype, seed=n)
+        y = hadamard_transform(x, scale).double()
+        exact = reference(x, scale)
+        once = exact.to(dtype)
+        half_ulp = ulp(exact, dtype) / 2
+        terms = scale * x.double().abs().sum(-1, keepdim=True)  # bound on every partial sum
+        acc_bound = 2.0**-24 * ((math.log2(n) + 2) * terms + exact.abs())
+        excess = (y - exact).abs() - half_ulp - acc_bound
+        assert excess.max().item() <= 0, dtype
+        assert (y != once.double()).double().mean().item() < 0.02, dtype
 
 
 def test_fp64_input_is_computed_in_fp64() -> None:

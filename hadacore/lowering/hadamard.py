@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hadacore.hadamard import hadamard_base, hadamard_factors, sylvester
+from hadacore.hadamard import hadamard_base, hadamard_factors, hadamard_matrix, sylvester
 
 __all__ = ["hadamard_native", "factor_plan"]
 
@@ -45,6 +45,8 @@ __all__ = ["hadamard_native", "factor_plan"]
 _MAX_SINGLE_FACTOR = 64
 #: Otherwise it is split into factors of at most this size.
 _MAX_FACTOR_LOG2 = 5
+#: bf16 input up to this n runs as one dense bf16 matmul (see the table above).
+_DENSE_BF16_MAX_N = 768
 #: Elements per row block: two fp32 buffers of this size (1 MiB) fit L2 with room to spare.
 _BLOCK_ELEMS = 1 << 17
 
@@ -62,14 +64,60 @@ def factor_plan(n: int) -> tuple[int, tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=128)
-def _sylvester_scaled(f: int, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return (sylvester(f, torch.float64) * scale).to(dtype=dtype, device=device)
+def _factor_matrices(n: int, scale: float, dtype: torch.dtype, device: torch.device) -> tuple[tuple[int, int, Tensor], ...]:
+    """``(f, after, H)`` per axis, slowest first. ``H`` is applied as ``H @ X`` on the
+    ``(rows * before, f, after)`` view, or as ``X @ H`` when ``after == 1``.
+
+    ``scale`` is folded into the last factor's matrix (exact for +-1 entries: one
+    rounding of ``scale`` itself). Sylvester factors are symmetric; ``H_m`` mixes the m
+    pieces from the left (``y_i = sum_j H_m[i, j] x_j``), so as the only axis (n == m)
+    it appears transposed.
+    """
+    m, factors = factor_plan(n)
+    axes = ([m] if m > 1 else []) + list(factors)
+    out = []
+    before = 1
+    for i, f in enumerate(axes):
+        after = n // (before * f)
+        h = hadamard_base(m).to(torch.float64) if (i == 0 and m > 1) else sylvester(f, torch.float64)
+        if after == 1:
+            h = h.t()
+        if i == len(axes) - 1:
+            h = h * scale
+        out.append((f, after, h.contiguous().to(dtype=dtype, device=device)))
+        before *= f
+    return tuple(out)
 
 
-@functools.lru_cache(maxsize=64)
-def _base_scaled(m: int, scale: float, dtype: torch.dtype, device: torch.device, transposed: bool) -> Tensor:
-    h = hadamard_base(m).to(torch.float64) * scale
-    return (h.t() if transposed else h).contiguous().to(dtype=dtype, device=device)
+@functools.lru_cache(maxsize=32)
+def _dense_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return hadamard_matrix(n, torch.float64).to(dtype=dtype, device=device)
+
+
+def _dense_lowp_ok(x: Tensor, scale: float, signs: Optional[Tensor]) -> bool:
+    """Whether ``x @ (scale * diag(signs) H_n)[:, perm]`` in bf16 is exact: the folded
+    matrix must be representable (so scale must be, and signs +-1), and BLAS (oneDNN,
+    AMX/AVX512-BF16) accumulates bf16 products in fp32 and rounds once; checked
+    bit-for-bit against fp64 in tests/test_hadamard.py."""
+    if x.dtype != torch.bfloat16 or x.shape[-1] > _DENSE_BF16_MAX_N or x.device.type != "cpu":
+        return False
+    if float(torch.tensor(scale, dtype=torch.bfloat16)) != scale:
+        return False
+    return signs is None or bool((signs.abs() == 1).all())
+
+
+def _hadamard_dense_lowp(x: Tensor, scale: float, signs: Optional[Tensor], perm: Optional[Tensor]) -> Tensor:
+    n = x.shape[-1]
+    h = _dense_matrix(n, x.dtype, x.device)
+    if scale != 1.0:
+        h = h * scale
+    if signs is not None:
+        h = h * signs.to(h.dtype)[:, None]
+    if perm is not None:
+        h = h[:, perm.to(torch.long)]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mm(x.reshape(-1, n), h, out=out.view(-1, n))
+    return out
 
 
 def hadamard_native(
@@ -81,82 +129,60 @@ def hadamard_native(
     Argument checks live in ``hadacore.ops.check_hadamard_args``.
     """
     n = x.shape[-1]
-    m, factors = factor_plan(n)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
+    if x.numel() == 0:
+        hadamard_factors(n)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if _dense_lowp_ok(x, scale, signs):
+        return _hadamard_dense_lowp(x, scale, signs, perm)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
-
-    # (kind, size) per axis, slowest first; scale is folded into the last factor's matrix,
-    # which is exact for the +-1 entries (one fp32 rounding of scale itself).
-    axes: list[tuple[str, int]] = ([("base", m)] if m > 1 else []) + [("pow2", f) for f in factors]
-    # H_m mixes the m pieces from the left (y_i = sum_j H_m[i, j] x_j): as the batched
-    # left operand it is used as is; as the only axis (n == m) it is x @ H_m^T.
-    axes_mats: list[Tensor] = []
-    for i, (kind, s) in enumerate(axes):
-        last = i == len(axes) - 1
-        sc = scale if last else 1.0
-        if kind == "base":
-            axes_mats.append(_base_scaled(s, sc, acc, dev, last))
-        else:
-            axes_mats.append(_sylvester_scaled(s, sc, acc, dev))
-    sizes = [s for _, s in axes]
+    plan = _factor_matrices(n, float(scale), acc, dev)
+    out = torch.empty(x.shape, dtype=x.dtype, device=dev)
 
     x2 = x.reshape(-1, n)  # a view for any 2-D strides; copies only for exotic N-D layouts
     o2 = out.view(-1, n)
     rows = x2.shape[0]
     rb = max(1, min(rows, _BLOCK_ELEMS // n))
-    buf_a = torch.empty(rb * n, dtype=acc, device=dev)
-    buf_b = torch.empty_like(buf_a)
     sg = signs.to(acc) if signs is not None else None
     pm = perm.to(torch.long) if perm is not None else None
-    # fp32 input whose rows are packed can feed the first matmul directly.
-    read_direct = sg is None and x2.dtype == acc and x2.stride(1) == 1 and x2.stride(0) == n
-    write_direct = pm is None and out.dtype == acc
+    # fp32 input whose rows are packed feeds the first matmul directly; with fp32 output
+    # and no permutation the last matmul writes straight into the result.
+    read_direct = bool(plan) and sg is None and x2.dtype == acc and x2.stride(1) == 1 and x2.stride(0) == n
+    write_direct = bool(plan) and pm is None and out.dtype == acc
+    need_bufs = (0 if read_direct else 1) + max(0, len(plan) - 1) + (0 if write_direct else 1)
+    bufs = [torch.empty(rb * n, dtype=acc, device=dev) for _ in range(min(2, need_bufs))]
+
+    def other(t: Tensor) -> Tensor:  # the work buffer that ``t`` does not live in
+        return bufs[1] if t.data_ptr() == bufs[0].data_ptr() else bufs[0]
 
     for r0 in range(0, rows, rb):
         r = min(rb, rows - r0)
         xb = x2[r0 : r0 + r]
         ob = o2[r0 : r0 + r]
-        if not axes:
-            cur = buf_a[: r * n].view(r, n)
+        if read_direct:
+            cur = xb
+        else:
+            cur = bufs[0][: r * n].view(r, n)
             if sg is not None:
-                torch.mul(xb, sg, out=cur)
+                torch.mul(xb, sg, out=cur)  # one pass: convert + signs
             else:
                 cur.copy_(xb)
-            if scale != 1.0:
-                cur.mul_(scale)
-        else:
-            if read_direct:
-                cur = xb.reshape(-1)
+        for i, (f, after, h) in enumerate(plan):
+            if write_direct and i == len(plan) - 1:
+                dst = ob
             else:
-                cur = buf_a[: r * n]
-                if sg is not None:
-                    torch.mul(xb, sg, out=cur.view(r, n))  # one fp32 pass: convert + signs
-                else:
-                    cur.view(r, n).copy_(xb)
-            before = 1
-            for i, (f, h) in enumerate(zip(sizes, axes_mats)):
-                after = n // (before * f)
-                last = i == len(sizes) - 1
-                if last and write_direct:
-                    dst = ob.reshape(-1)
-                else:
-                    dst = buf_b[: r * n] if cur.data_ptr() != buf_b.data_ptr() else buf_a[: r * n]
-                if after == 1:
-                    torch.mm(cur.view(-1, f), h, out=dst.view(-1, f))
-                else:
-                    torch.matmul(h, cur.view(-1, f, after), out=dst.view(-1, f, after))
-                cur = dst
-                before *= f
-            if last and write_direct:
-                continue
-            cur = cur.view(r, n)
+                dst = other(cur)[: r * n].view(r, n)
+            if after == 1:
+                torch.mm(cur.reshape(-1, f), h, out=dst.view(-1, f))
+            else:
+                torch.matmul(h, cur.reshape(-1, f, after), out=dst.view(-1, f, after))
+            cur = dst
+        if not plan and scale != 1.0:  # n == 1
+            cur.mul_(scale)
         if pm is not None:
-            spare = buf_b if cur.data_ptr() != buf_b.data_ptr() else buf_a
-            perm_dst = spare[: r * n].view(r, n)
-            torch.index_select(cur, 1, pm, out=perm_dst)
-            cur = perm_dst
-        ob.copy_(cur)  # the single rounding to x.dtype
+            dst = other(cur)[: r * n].view(r, n) if len(bufs) == 2 else torch.empty_like(cur)
+            torch.index_select(cur, 1, pm, out=dst)
+            cur = dst
+        if cur.data_ptr() != ob.data_ptr():
+            ob.copy_(cur)  # the single rounding to x.dtype
     return out
