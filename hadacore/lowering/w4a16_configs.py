@@ -4,22 +4,26 @@ One table, keyed by M bucket, picks the kernel and its tile shape; a few rules t
 fit the tile to the problem (N, K, group size, dtype). Everything is overridable:
 ``split_k=`` forces the split (and with it the kernel), ``config=`` overrides any field.
 
-**Untuned on hardware.** No GPU was available when this table was written; the
-entries follow the published choices of the reference kernels (FIELD_NOTES.md):
+**Untuned on hardware.** No GPU was available when this table was written. The entries
+start from the published choices of the reference kernels (FIELD_NOTES.md):
 
 - the SplitK paper (applied-ai ``splitk_dequant_gemm.py``): 16x32x128 tiles, split_k 4,
   3 stages, 4 warps for skinny M on A100/H100;
 - gemlite: GEMV at M = 1, split-K for 1 < M <= 64, data-parallel above; BLOCK_K <=
-  group size and group-aligned split ranges.
+  group size and group-aligned split ranges;
+
+and were then adjusted only by what the compiler reports without running anything:
+each row compiles for sm_90 (Triton 3.9, ptxas ``-v``) with no register spills
+(16x32x128: 110 registers; 64x128x64 needed 8 warps: with 4 it spilled 16 bytes).
 
 ======  =======  =======  =======  =======  =======  =====  ======
 M       kernel   BLOCK_M  BLOCK_N  BLOCK_K  SPLIT_K  warps  stages
 ======  =======  =======  =======  =======  =======  =====  ======
-1       gemv     1        64       128      8        4      2
+1       gemv     1        64       128      8        8      2
 2-16    splitk   16       32       128      4        4      3
 17-32   splitk   32       64       128      4        4      3
 33-64   splitk   64       64       128      2        4      3
-65-128  dp       64       128      64       1        4      4
+65-128  dp       64       128      64       1        8      4
 > 128   dp       128      128      64       1        8      3
 ======  =======  =======  =======  =======  =======  =====  ======
 
@@ -34,7 +38,10 @@ Fitting rules (applied in :func:`select_w4a16_config`, also to overrides):
 - SplitK ranges are contiguous and aligned to the group size (or to BLOCK_K for
   per-channel / per-k layouts); SPLIT_K is capped by the number of aligned units in K
   and then recomputed so that no split is empty.
-- fp32 activations: at most 2 stages (fp32 tiles take twice the shared memory).
+- fp32 activations (dot kernels): the ieee fp32 ``tl.dot`` runs on FMA units and
+  spills heavily at fp16 tile sizes (up to 17 KB at 64x64x128), so tiles shrink to
+  BLOCK_M, BLOCK_N <= 64, BLOCK_K <= 32, 8 warps, <= 2 stages. fp32 is the exactness
+  path, not a speed target.
 """
 
 from __future__ import annotations
@@ -85,11 +92,11 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(W4A16Config))
 
 # (largest M in the bucket, config); None = unbounded. See the module docstring.
 M_BUCKETS: tuple[tuple[int | None, W4A16Config], ...] = (
-    (1, W4A16Config("gemv", 1, 64, 128, 8, 4, 2)),
+    (1, W4A16Config("gemv", 1, 64, 128, 8, 8, 2)),
     (16, W4A16Config("splitk", 16, 32, 128, 4, 4, 3)),
     (32, W4A16Config("splitk", 32, 64, 128, 4, 4, 3)),
     (64, W4A16Config("splitk", 64, 64, 128, 2, 4, 3)),
-    (128, W4A16Config("dp", 64, 128, 64, 1, 4, 4)),
+    (128, W4A16Config("dp", 64, 128, 64, 1, 8, 4)),
     (None, W4A16Config("dp", 128, 128, 64, 1, 8, 3)),
 )
 
@@ -203,9 +210,16 @@ def _select_cached(bucket, m_pow2, n, k, group_size, dtype, device_key, act_orde
         aligned = _pow2_divisor(group_size)
         if aligned >= MIN_DOT:
             block_k = min(block_k, aligned)
-    num_stages = min(cfg.num_stages, 2) if dtype == torch.float32 and "num_stages" not in override else cfg.num_stages
+    num_warps, num_stages = cfg.num_warps, cfg.num_stages
+    if dtype == torch.float32 and cfg.kernel != "gemv":
+        # Only where the user did not choose: the fp32 FMA dot's register budget.
+        block_m = block_m if "block_m" in override else min(block_m, 64)
+        block_n = block_n if "block_n" in override else min(block_n, 64)
+        block_k = block_k if "block_k" in override else min(block_k, 32)
+        num_warps = num_warps if "num_warps" in override else 8
+        num_stages = num_stages if "num_stages" in override else min(num_stages, 2)
     return dataclasses.replace(
-        cfg, block_m=block_m, block_n=block_n, block_k=block_k, num_stages=num_stages,
+        cfg, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
         split_k=max(1, min(cfg.split_k, math.ceil(k / block_k))) if k else 1,
     )
 
