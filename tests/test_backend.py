@@ -174,10 +174,10 @@ def test_llama_fp8_attention_emulation_bound(llama):
     model, ids, ref = llama
     got, s = _compile_logits(model, ids, fp8_attention=True, inductor=False)
     err = rel_err(got, ref)
-    # Stated bound: per-head e4m3 Q/K/V (3 mantissa bits, 2**-4 relative per element)
+    # Stated bound: per-head e4m3 Q and K (3 mantissa bits, 2**-4 relative per element)
     # moves the logits of this 2-layer model by less than 2**-4 relative.
     assert 1e-5 < err < 2**-4
-    assert s["fp8_qdq_inserted"] == 6
+    assert s["fp8_attention_fused"] + s["fp8_qdq_inserted"] // 2 == 2  # both layers' attention
 
 
 def test_llama_rotated_quantized_with_inductor_vs_eager_reference(llama):

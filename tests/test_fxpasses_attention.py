@@ -68,14 +68,22 @@ def test_unsupported_intermediate_size_names_down_proj():
         apply_passes(gm, inputs, rotate="online")
 
 
-def test_fp8_attention_emulation_bound():
-    block = TinyLlamaBlock().eval()
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "matmul_softmax"])
+def test_fp8_attention_emulation_bound(sdpa):
+    block = TinyLlamaBlock(sdpa=sdpa).eval()
     x = torch.randn(2, 6, 64)
     expect = block(x)
     gm, inputs = capture(block, x)
     apply_passes(gm, inputs, fp8_attention=True)
-    assert count(gm, torch.ops.hadacore.fp8_qdq) == 3 and count(gm, HADAMARD) == 0  # R3 fused into the q/k qdq
-    assert hadacore.stats()["fp8_qdq_inserted"] == 3
+    assert count(gm, HADAMARD) == 0  # R3 folded into the FP8 op
+    s = hadacore.stats()
+    if sdpa:  # one fused op replaces the SDPA
+        assert count(gm, torch.ops.hadacore.fp8_attention) == 1
+        assert count(gm, torch.nn.functional.scaled_dot_product_attention) == 0
+        assert (s["fp8_attention_fused"], s["fp8_qdq_inserted"]) == (1, 0)
+    else:  # R3 + FP8 round trip on Q and K around the explicit attention
+        assert count(gm, torch.ops.hadacore.fp8_qdq) == 2
+        assert (s["fp8_attention_fused"], s["fp8_qdq_inserted"]) == (0, 2)
     err = rel_err(gm(*inputs)[0], expect)
     # e4m3 keeps 3 mantissa bits (relative rounding <= 2**-4 per element); attention output
     # error lands well inside that, and must not be zero (the emulation really ran).

@@ -1,45 +1,79 @@
-"""FP8 attention (``fp8_attention=True``): Q and K get R3 fused with per-head FP8 e4m3
-quantization, V gets per-head FP8 quantization.
+"""FP8 attention (``fp8_attention=True``): R3 on Q and K fused with per-head FP8 e4m3
+quantization of Q and K (the ``Q K^T`` product is FP8; V, P and the softmax stay 16/32-bit,
+the contract of ``hadacore.lowering.fp8_attention``).
 
-The graph computes attention on quantize-dequantized Q/K/V (``hadacore::fp8_qdq``): on
-CPU that is the emulation that lets accuracy be measured anywhere; on CUDA the same op
-runs (a Triton FP8 attention template that consumes the FP8 tensors directly is not
-built yet).
+- An SDPA call with no mask tensor and no dropout becomes one ``hadacore::fp8_attention``
+  node (``rotate=True, quantize=True``): the R3 Hadamards the rotate pass put on Q and K
+  fold into it. On CUDA that op runs the Triton kernels (fused R3 + quantize, then an FP8
+  flash-attention kernel on sm89+); elsewhere its quantize-dequantize emulation.
+- Any other attention (an explicit mask tensor, dropout, the matmul-softmax-matmul form)
+  keeps its own attention ops and gets ``hadacore::fp8_qdq(x, 1/sqrt(D))`` on Q and K: R3
+  and the same per-head e4m3 round trip in one op (emulation on every device).
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 
 import torch
+from torch import fx
 
-from hadacore.fxpasses.context import PassContext
+from hadacore.fxpasses.context import AttentionBlock, PassContext
 from hadacore.fxpasses.stats import bump
 
 log = logging.getLogger("hadacore.compiler")
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_call(node: fx.Node) -> dict:
+    call = dict(zip(_SDPA_ARGS, node.args))
+    call.update(node.kwargs)
+    return call
+
+
+def _fuse_sdpa(ctx: PassContext, block: AttentionBlock, hq: fx.Node, hk: fx.Node) -> str | None:
+    """Replace the SDPA by ``hadacore::fp8_attention``; return why not, or None."""
+    call = _sdpa_call(block.node)
+    if call.get("attn_mask") is not None:
+        return "attention has an explicit mask tensor"
+    if call.get("dropout_p", 0.0) not in (0, 0.0):
+        return "attention has dropout"
+    scale, causal = call.get("scale"), call.get("is_causal", False)
+    if not (scale is None or isinstance(scale, numbers.Real)) or not isinstance(causal, bool):
+        return "scale / is_causal are not constants"
+    with ctx.graph.inserting_before(block.node):
+        new = ctx.graph.call_function(
+            torch.ops.hadacore.fp8_attention.default,
+            (hq.args[0], hk.args[0], call["value"], causal, None if scale is None else float(scale), True, True),
+        )
+    new.meta.update({k: v for k, v in block.node.meta.items() if k == "example_value"})
+    block.node.replace_all_uses_with(new)
+    ctx.graph.erase_node(block.node)
+    for had in (hq, hk):
+        if not had.users:
+            ctx.graph.erase_node(had)
+    block.node = new
+    return None
 
 
 def fp8_attention(ctx: PassContext) -> None:
     if not ctx.options["fp8_attention"]:
         return
+    import hadacore.lowering.fp8_attention  # noqa: F401  (registers hadacore::fp8_attention)
+
     for block in ctx.attention:
         pair = ctx.r3.get(block.name)
         if pair is None:
             continue  # rotate_online logged why R3 was not applied
+        why = _fuse_sdpa(ctx, block, *pair) if block.form == "sdpa" else "explicit matmul-softmax attention"
+        if why is None:
+            bump("fp8_attention_fused")
+            log.debug("hadacore: %s -> hadacore::fp8_attention", block.name)
+            continue
+        log.info("hadacore: %s: FP8 Q/K by quantize-dequantize around the original attention (%s)", block.name, why)
         for had in pair:  # hadamard(x, s) -> fp8_qdq(x, s): R3 and the quantization in one op
             had.target = torch.ops.hadacore.fp8_qdq.default
             had.args = (had.args[0], float(had.args[1]))
             bump("fp8_qdq_inserted")
-        v = block.v
-        consumer = block.node if block.form == "sdpa" else next(
-            (u for u in block.node.users if len(u.args) > 1 and u.args[1] is v), None)
-        if consumer is None:
-            continue
-        with ctx.graph.inserting_before(consumer):
-            qv = ctx.graph.call_function(torch.ops.hadacore.fp8_qdq.default, (v, 0.0))
-        qv.meta.update({k: val for k, val in v.meta.items() if k == "example_value"})
-        if block.form == "sdpa" and len(consumer.args) <= 2:
-            consumer.update_kwarg("value", qv)
-        else:
-            consumer.update_arg(2 if block.form == "sdpa" else 1, qv)
-        bump("fp8_qdq_inserted")

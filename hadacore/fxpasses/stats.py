@@ -27,6 +27,7 @@ KNOWN_COUNTERS = (
     "hadamard_inserted",
     "gather_removed",
     "gather_kept",
+    "fp8_attention_fused",
     "fp8_qdq_inserted",
 )
 
