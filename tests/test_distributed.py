@@ -240,20 +240,30 @@ def _check_equivalence(rank: int, world: int, paths: dict[str, str]) -> None:
 
 
 def _check_compiled(rank: int, world: int, path: str) -> None:
-    """Per-rank torch.compile (Inductor): functional collectives stay in the graph; only naive gathers."""
+    """Per-rank torch.compile: functional collectives stay in the graph; only naive gathers.
+
+    Inductor keeps fp32 exactness; hadacore's backend rewrites the three quantized linears
+    into its CPU W4A16 op, which computes in bf16 (the W4A16 contract), hence 1e-2.
+    """
+    import hadacore
     from torch._inductor.utils import run_and_get_code
 
     ref = torch.load(os.path.join(path, "reference.pt"))
-    for strategy in ("naive", "tp_aware"):
-        mlp = load_sharded(path, tp_rank=rank, tp_size=world, strategy=strategy).model.layers[0].mlp
-        torch._dynamo.reset()
-        compiled = torch.compile(mlp, backend="inductor", fullgraph=True)
-        with torch.no_grad():
-            y, codes = run_and_get_code(compiled, ref["x"])
-        code = "\n".join(codes)
-        assert rel_err(y, ref["mlp"]) < 1e-5, strategy
-        assert "all_reduce" in code, strategy
-        assert ("all_gather_into_tensor" in code) == (strategy == "naive"), (strategy, code[-3000:])
+    for backend, tol in (("inductor", 1e-5), ("hadacore", 1e-2)):
+        for strategy in ("naive", "tp_aware"):
+            mlp = load_sharded(path, tp_rank=rank, tp_size=world, strategy=strategy).model.layers[0].mlp
+            torch._dynamo.reset()
+            hadacore.reset_stats()
+            compiled = torch.compile(mlp, backend=backend, fullgraph=True)
+            with torch.no_grad():
+                y, codes = run_and_get_code(compiled, ref["x"])
+            code = "\n".join(codes)
+            where = (backend, strategy)
+            assert rel_err(y, ref["mlp"]) < tol, where
+            assert "all_reduce" in code, where
+            assert ("all_gather_into_tensor" in code) == (strategy == "naive"), (where, code[-3000:])
+            if backend == "hadacore":
+                assert hadacore.stats()["linear_rewritten"] == 3, (where, hadacore.stats())
 
 
 def _check_converted(rank: int, world: int, path: str) -> None:
