@@ -457,15 +457,22 @@ def hadamard_triton(
         return out
 
     x2 = x.reshape(-1, n)  # a view for any row stride; a copy only when rows cannot be one stride
+    if x2.stride(1) != 1:
+        # Column-strided (e.g. transposed) input: one coalesced copy beats strided loads in
+        # every stage-1 tile, and keeps column offsets within int32.
+        x2 = x2.contiguous()
     out2 = out.view(-1, n)
     rows = x2.shape[0]
     dest = _destinations(perm, n) if perm is not None else None
 
     interp = _interpreting()
+    # bf16 tensor-core dots need sm80+; elsewhere (and in the interpreter) bf16 dot operands
+    # are widened to fp32, which is exact for +-1 matrices.
+    bf16_mma = not interp and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 8
     f32_mode = cfg.f32_dot
     if f32_mode == "auto":
-        f32_mode = "split" if interp or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 8) else "ieee"
-    common = dict(F32_DOT=_F32_DOT_MODES[f32_mode], BF16_DOT=not interp)
+        f32_mode = "split" if interp or bf16_mma else "ieee"
+    common = dict(F32_DOT=_F32_DOT_MODES[f32_mode], BF16_DOT=bf16_mma)
 
     plan = _plan(m, p, cfg)
     hmt = _base_matrix_t(m, x.device) if m > 1 else out2  # dummy pointer when unused
