@@ -15,6 +15,7 @@ compiled: later in-place weight updates are not seen until the model is recompil
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,6 +24,23 @@ from torch import fx
 __all__ = ["hadacore_backend", "DEFAULT_OPTIONS", "validate_options"]
 
 log = logging.getLogger("hadacore.compiler")
+
+
+def _register_torch_logs() -> None:
+    """Make ``TORCH_LOGS="+hadacore"`` show the compiler's debug log (graphs before/after
+    the passes, every find and rewrite); ``TORCH_LOGS="hadacore"`` shows the INFO lines
+    (what was left alone and why). Uses torch's private logging registry: best effort."""
+    try:
+        from torch._logging import _internal
+
+        _internal.register_log("hadacore", "hadacore.compiler")
+        if "hadacore" in os.environ.get("TORCH_LOGS", ""):
+            _internal._init_logs()  # TORCH_LOGS was parsed at torch import, before this name existed
+    except Exception as e:  # pragma: no cover - a torch without the registry
+        log.debug("hadacore: TORCH_LOGS integration unavailable: %s", e)
+
+
+_register_torch_logs()
 
 #: Every option and its default.
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -90,6 +108,8 @@ def hadacore_backend(
     ctx = PassContext(gm, example_inputs, opts)
     run_passes(ctx)
     lower(ctx)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("hadacore: graph after lowering:\n%s", gm.print_readable(print_output=False))
     if not opts["inductor"]:
         return gm.forward
     from torch._inductor import list_mode_options
