@@ -16,7 +16,7 @@ mix is ``H_m`` over the M-axis, so the transform is one small matmul per axis. E
 *stage* views the register tile ``[ROWS, L]`` as ``[ROWS * L / F, F]`` (F = the last
 axis), applies the ``F x F`` matrix with one ``tl.dot``, and rotates that axis to the
 front (``[ROWS, L/F, F] -> [ROWS, F, L/F]``); after one stage per axis the original
-order is back. The three kinds of stage:
+order is back. The stages:
 
 * ``H_16`` along a 16-axis: a ``[R, 16] @ [16, 16]`` dot;
 * ``H_2`` along each of the (at most three) leftover 2-axes: a radix-2 butterfly in fp32
@@ -28,8 +28,9 @@ order is back. The three kinds of stage:
   sums real inputs (the padded matrix columns are 0), so nothing padded leaks into a
   stored value, not even a NaN.
 
-``H_16`` is built in registers from bit parities;
-``H_m^T`` comes from :func:`hadacore.hadamard.hadamard_base` (cached per device).
+``H_16`` is built in registers from bit parities; ``H_m^T`` comes from
+:func:`hadacore.hadamard.hadamard_base` (cached per device). Column-strided input (e.g. a
+transposed view) is copied to unit column stride first; any row stride is read in place.
 
 Execution plans (:func:`_plan`; thresholds in :class:`HadamardConfig`)
 --------------------------------------------------------------------
@@ -45,6 +46,9 @@ Execution plans (:func:`_plan`; thresholds in :class:`HadamardConfig`)
   scratch (a 256x256 matrix operand does not belong in one ``tl.dot``), then the
   power-of-two part on each length-p piece (fused or two-pass).
 
+Every plan compiles for sm80 and sm90 without register spills (``tests/test_hadamard_triton.py::
+test_compiles_for_real_gpus``); the thresholds are reasoned, not yet tuned on a GPU.
+
 Numerics
 --------
 Products with +-1 are exact, accumulation is fp32, and the output is rounded once, at
@@ -54,12 +58,15 @@ operand, which must not be rounded to 16 bits (a second rounding, as HadaCore's 
 path does): ``f32_dot="split"`` (default on sm80+) writes it as the sum of three bf16
 pieces (8 + 8 + 8 significant bits = fp32's 24) and runs three bf16 tensor-core dots
 with fp32 accumulation; ``f32_dot="ieee"`` uses Triton's exact fp32 dot (FMA units).
-Never tf32 (10-bit mantissa). With ``signs`` the input is multiplied in fp32 (exact for
-any sign values) and the first stage is an fp32 stage too.
+Never tf32 (10-bit mantissa). The split keeps infinities (``inf - inf`` is not formed).
+Below sm80 bf16 dot operands are widened to fp32 (exact). With ``signs`` the input is
+multiplied in fp32 (exact for any sign values) and the first stage is an fp32 stage too.
 
 The Triton interpreter computes ``tl.dot`` on bfloat16 operands on their raw uint16
 bit patterns (triton 3.9), so under the interpreter bf16 dot operands are widened to
 fp32 first (exact: the products are exact either way); the split is still exercised.
+It also rounds fp32 -> bf16 toward zero where a GPU rounds to nearest even, so bf16
+outputs differ from a GPU's in the last bit; the tests account for that.
 """
 
 from __future__ import annotations
@@ -348,8 +355,15 @@ def _chunk_pass(n: int, c: int, tile: int) -> tuple[_Pass, int]:
     return _Pass(piece=a * c, nb=1, a=a, a_stride=c, b=c, a_m_pad=1, a_rbits=0, a_n16=0, b_rbits=r_bits, b_n16=n16), triton.cdiv(chunks, a)
 
 
+@functools.lru_cache(maxsize=256)
 def _plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
     """Which kernels run, in order, for ``n = m * p`` (see the module docstring)."""
+    plan = _make_plan(m, p, cfg)
+    logger.debug("hadamard n=%d (m=%d, p=%d): %s", m * p, m, p, plan)
+    return plan
+
+
+def _make_plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
     n = m * p
     m_pad = _m_pad(m)
     base_gemm = m_pad > cfg.fused_max_base
