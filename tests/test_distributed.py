@@ -327,21 +327,31 @@ def test_tp4_matches_single_process(tmp_path):
 # --------------------------------------------------------------------------- failures
 
 
-def _load_with_one_bad_rank(rank: int, world: int, good: str, bad: str) -> None:
+def _load_with_one_bad_rank_then_one_dead(rank: int, world: int, good: str, bad: str) -> None:
+    # Both failures must surface before the process group's timeout (PG_TIMEOUT_S) would.
+    # 1. rank 1's shard cannot be read: every rank raises, naming rank 1 and the cause.
+    start = time.monotonic()
     with pytest.raises(ShardLoadError) as info:
         load_sharded(bad if rank == 1 else good, tp_rank=rank, tp_size=world)
     msg = str(info.value)
     assert "rank(s) [1]" in msg and "model.safetensors is missing" in msg, msg
+    assert time.monotonic() - start < PG_TIMEOUT_S
+    # 2. rank 1 dies outright: rank 0 raises (gloo sees the closed connection) instead of hanging.
+    if rank == 1:
+        os._exit(3)
+    start = time.monotonic()
+    with pytest.raises(ShardLoadError, match="a rank crashed or the process group timed out"):
+        load_sharded(good, tp_rank=rank, tp_size=world)
+    assert time.monotonic() - start < PG_TIMEOUT_S
 
 
-def test_failed_rank_fails_every_rank(tmp_path):
+def test_failed_or_dead_rank_fails_the_group(tmp_path):
     good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
     write_tiny_checkpoint(good, seed=0, group_size=GROUP)
     shutil.copytree(good, bad)
     os.remove(os.path.join(bad, "model.safetensors"))
-    start = time.monotonic()
-    spawn(2, _load_with_one_bad_rank, good, bad, out_dir=tmp_path, timeout=120)
-    assert time.monotonic() - start < PG_TIMEOUT_S  # failed by agreement, not by a timeout
+    exitcodes = spawn(2, _load_with_one_bad_rank_then_one_dead, good, bad, out_dir=tmp_path, timeout=150)
+    assert exitcodes == [0, 3]
 
 
 # --------------------------------------------------------------------------- example

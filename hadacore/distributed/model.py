@@ -57,7 +57,14 @@ def agree_on_success(error: BaseException | None, *, tp_rank: int, tp_size: int,
         raise RuntimeError(f"tp_size={tp_size} needs an initialised default process group (torchrun + init_process_group)")
     mine = None if error is None else f"{type(error).__name__}: {error}"
     reports: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(reports, mine, group=group)
+    try:
+        dist.all_gather_object(reports, mine, group=group)
+    except Exception as exc:  # a peer died (gloo: connection closed) or the group's timeout expired
+        raise ShardLoadError(
+            f"rank {tp_rank} could not confirm that every rank of the tp_size={tp_size} group loaded its shard "
+            f"(a rank crashed or the process group timed out); this rank {'failed too: ' + mine if mine else 'succeeded'}; "
+            f"collective error: {exc}"
+        ) from (error or exc)
     failed = {r: msg for r, msg in enumerate(reports) if msg is not None}
     if failed:
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed.items())
