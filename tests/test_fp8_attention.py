@@ -33,8 +33,9 @@ FP8_BOUND = 5e-2  # FP8 Q/K vs exact attention, relative Frobenius (see module d
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def reference_attention(q, k, v, is_causal=False, scale=None):
-    """Exact attention in fp64 with SDPA's semantics (GQA by repeat, top-left causal mask)."""
+def reference_attention(q, k, v, is_causal=False, scale=None, attn_mask=None):
+    """Exact attention in fp64 with SDPA's semantics (GQA by repeat, top-left causal mask,
+    bool or additive mask; a row with no visible key is 0)."""
     q, k, v = (t.double() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -42,7 +43,10 @@ def reference_attention(q, k, v, is_causal=False, scale=None):
     if is_causal:
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
-    return s.softmax(-1) @ v
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.double()
+    p = s.softmax(-1).nan_to_num(0.0)
+    return p @ v
 
 
 def rel_err(x, ref):
@@ -131,6 +135,27 @@ def test_emulation_explicit_scale_and_rectangular_causal():
         ref = reference_attention(q, k, v, causal, scale=0.3)
         assert rel_err(fp8_attention(q, k, v, is_causal=causal, scale=0.3, quantize=False), ref) < 1e-5
         assert rel_err(fp8_attention(q, k, v, is_causal=causal, scale=0.3), ref) < FP8_BOUND
+
+
+def _masks(b, hq, s_q, s_kv, dtype):
+    """A padding-style bool mask [B, 1, S, S_kv] with one fully masked query row, and an
+    additive [S, S_kv] mask in q's dtype (ALiBi-like slope plus a -inf band)."""
+    g = torch.Generator().manual_seed(21)
+    keep = torch.rand(b, 1, s_q, s_kv, generator=g) > 0.3
+    keep[..., 0] = True
+    keep[0, 0, 2] = False  # nothing to attend to: 0, as SDPA
+    dist = (torch.arange(s_q)[:, None] - torch.arange(s_kv)[None, :]).abs().float()
+    add = (-0.1 * dist).masked_fill(dist > 20, float("-inf")).to(dtype)
+    return keep, add
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulation_with_attn_mask(dtype):
+    q, k, v = make_qkv(2, 4, 2, 33, 64, dtype, s_kv=40, seed=20)
+    for mask in _masks(2, 4, 33, 40, dtype):
+        ref = reference_attention(q, k, v, attn_mask=mask)
+        assert rel_err(fp8_attention(q, k, v, attn_mask=mask, quantize=False), ref) < TOL[dtype]
+        assert rel_err(fp8_attention(q, k, v, attn_mask=mask), ref) < FP8_BOUND
 
 
 @pytest.mark.parametrize("factor", [5.0, 10.0, 30.0])
@@ -222,6 +247,21 @@ def test_triton_tails_rectangular_and_tiles(s_q, s_kv, is_causal, blocks):
     assert rel_err(got8, fp8_attention_emulated(q, k, v, is_causal)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_attn_mask(dtype):
+    """Explicit masks through the kernel: broadcast strides, bool and additive, a fully
+    masked row, S and S_kv tails."""
+    kmod = _triton()
+    q, k, v = make_qkv(2, 4, 2, 33, 64, dtype, s_kv=40, seed=22)
+    for mask in _masks(2, 4, 33, 40, dtype):
+        got = kmod.fp8_attention_triton(q, k, v, attn_mask=mask, quantize=False, out=_poisoned(q, dtype))
+        assert rel_err(got, reference_attention(q, k, v, attn_mask=mask)) < TOL[dtype]
+        got8 = kmod.fp8_attention_triton(q, k, v, attn_mask=mask, out=_poisoned(q, dtype))
+        assert rel_err(got8, fp8_attention_emulated(q, k, v, attn_mask=mask)) < TOL[dtype]
+        if mask.dtype == torch.bool:
+            assert torch.all(got8[0, :, 2] == 0)
+
+
 def test_triton_strided_inputs_and_non_pow2_head_dim():
     """Views straight from a [B, S, H, D] projection, and D = 80 = 20 * 4 (masked to 128 in registers)."""
     kmod = _triton()
@@ -284,13 +324,63 @@ def test_triton_pre_sm89_configuration():
         kmod.fp8_attention_triton(q, k, v, quantize=False, fused_prep=True)
 
 
+_AOT_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernel, not the interpreter's
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hadacore.kernels.fp8_attention import _attention_fwd_kernel as kernel
+
+def compile_ptx(cap, qk, v, mask, **const):
+    ptrs = {"Q": qk, "K": qk, "V": v, "Out": v, "QScale": "fp32", "KScale": "fp32", "Mask": mask}
+    sig = {n: "*" + ptrs[n] if n in ptrs else "constexpr" if n in const
+           else "fp32" if n == "qk_scale_log2" else "i32" for n in kernel.arg_names}
+    src = ASTSource(kernel, sig, {(kernel.arg_names.index(n),): val for n, val in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+
+base = dict(BLOCK_M=128, BLOCK_N=64, QK_F32=False, PV_F32=False)
+h100 = compile_ptx(90, "fp8e4nv", "bf16", "fp32", IS_CAUSAL=True, MASK_KIND=0, BLOCK_D=128, EVEN_D=True, **base)
+ada = compile_ptx(89, "fp8e4nv", "fp16", "i8", IS_CAUSAL=False, MASK_KIND=1, BLOCK_D=128, EVEN_D=False, **base)
+compile_ptx(90, "fp8e4nv", "bf16", "bf16", IS_CAUSAL=False, MASK_KIND=2, BLOCK_D=128, EVEN_D=True, **base)
+assert "wgmma" in h100 and "e4m3" in h100, "sm90: expected FP8 wgmma"
+assert "mma" in ada and "e4m3" in ada, "sm89: expected FP8 mma"
+
+from hadacore.kernels.fp8_attention import _r3_fp8_quant_kernel as quant
+types = {"X": "bf16", "Hmat": "bf16", "Amax": "fp32", "Scale": "fp32", "Y": "fp8e4nv"}
+for q in (False, True):
+    const = dict(QUANTIZE=q, ROTATE=True, H_FROM_BITS=True, DOT_F32=False, EVEN_D=True, BLOCK_S=64, BLOCK_D=128)
+    sig = {n: "*" + types[n] if n in types else "constexpr" if n in const
+           else "fp32" if n == "rot_scale" else "i32" for n in quant.arg_names}
+    src = ASTSource(quant, sig, {(quant.arg_names.index(n),): val for n, val in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert ("e4m3" in ptx) == q
+print("ok")
+"""
+
+
+def test_kernel_compiles_to_fp8_tensor_core_ptx():
+    """Without a GPU: the real Triton compiler lowers the attention kernel to FP8 wgmma
+    (sm90) and FP8 mma (sm89) PTX, and the R3 + quantize kernel for sm90, so the CUDA path
+    is at least well-formed for the hardware."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- op contract
 
 
 def test_opcheck():
     for b, hq, hkv, s, d, dtype in [(1, 4, 2, 17, 64, torch.float32), (2, 2, 2, 8, 32, torch.bfloat16)]:
         q, k, v = make_qkv(b, hq, hkv, s, d, dtype, seed=10)
-        for args in [(q, k, v, False, None, True, True), (q, k, v, True, 0.2, False, True), (q, k, v, True, None, True, False)]:
+        mask = torch.rand(b, 1, s, s) > 0.2
+        for args in [(q, k, v, False, None, True, True), (q, k, v, True, 0.2, False, True),
+                     (q, k, v, True, None, True, False), (q, k, v, False, None, True, True, mask)]:
             torch.library.opcheck(torch.ops.hadacore.fp8_attention.default, args)
 
 
@@ -320,6 +410,14 @@ def test_bad_inputs(mutate, err, match):
     q, k, v = mutate(q, k, v)
     with pytest.raises(err, match=match):
         fp8_attention(q, k, v)
+
+
+def test_bad_masks():
+    q, k, v = make_qkv(1, 4, 2, 9, 64, seed=12)
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        fp8_attention(q, k, v, is_causal=True, attn_mask=torch.ones(9, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be bool or torch.float32"):
+        fp8_attention(q, k, v, attn_mask=torch.ones(9, 9, dtype=torch.int32))
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -56,9 +56,10 @@ def _load_tile(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr)
 @triton.jit
 def _attention_kv_loop(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    mask_base, stride_mm, stride_mn, m_ok,
     offs_m, offs_n0, offs_d, d_ok, lo, hi, S_KV, s_qk,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    QK_F32: tl.constexpr, PV_F32: tl.constexpr,
+    MASK_KIND: tl.constexpr, QK_F32: tl.constexpr, PV_F32: tl.constexpr,
 ):
     """Online softmax over the KV blocks starting at ``lo, lo + BLOCK_N, ... < hi``.
 
@@ -78,6 +79,13 @@ def _attention_kv_loop(
             valid = n_ok[None, :]
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if MASK_KIND != 0:
+                mptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+                mval = tl.load(mptrs, mask=m_ok[:, None] & n_ok[None, :], other=0)
+                if MASK_KIND == 1:  # boolean: attend where true
+                    valid = valid & (mval != 0)
+                else:  # additive, in the natural-log domain like SDPA: to log2 with the scores
+                    s = s + mval.to(tl.float32) * 1.4426950408889634
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row with no visible key yet keeps m = -inf: subtract 0 (no inf - inf)
@@ -99,13 +107,14 @@ def _attention_kv_loop(
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, Out, QScale, KScale,
+    Q, K, V, Out, QScale, KScale, Mask,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     HQ, HKV, S_Q, S_KV, D, GROUP, qk_scale_log2,
-    IS_CAUSAL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     QK_F32: tl.constexpr, PV_F32: tl.constexpr,
 ):
@@ -128,6 +137,7 @@ def _attention_fwd_kernel(
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
     o_base = Out + b64 * stride_ob + hq.to(tl.int64) * stride_oh
+    mask_base = Mask + b64 * stride_mb + hq.to(tl.int64) * stride_mh  # MASK_KIND 0: unused
 
     q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, m_ok, d_ok, True, EVEN_D)
     if QK_F32:
@@ -143,21 +153,27 @@ def _attention_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(S_KV, (pid_m + 1) * BLOCK_M)
         lo = tl.minimum(pid_m * BLOCK_M + 1, S_KV) // BLOCK_N * BLOCK_N
+    elif MASK_KIND != 0:  # an explicit mask: every block is a masked block
+        hi = S_KV
+        lo = 0
     else:
         hi = S_KV
         lo = S_KV // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attention_kv_loop(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        mask_base, stride_mm, stride_mn, m_ok,
         offs_m, offs_n0, offs_d, d_ok, 0, lo, S_KV, s_qk,
-        BLOCK_N, False, IS_CAUSAL, EVEN_D, QK_F32, PV_F32,
+        BLOCK_N, False, IS_CAUSAL, EVEN_D, MASK_KIND, QK_F32, PV_F32,
     )
     acc, l_i, m_i = _attention_kv_loop(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        mask_base, stride_mm, stride_mn, m_ok,
         offs_m, offs_n0, offs_d, d_ok, lo, hi, S_KV, s_qk,
-        BLOCK_N, True, IS_CAUSAL, EVEN_D, QK_F32, PV_F32,
+        BLOCK_N, True, IS_CAUSAL, EVEN_D, MASK_KIND, QK_F32, PV_F32,
     )
 
-    out = acc / l_i[:, None]  # every real row sees key 0, so l_i > 0
+    # A row no key may attend to (only possible with an explicit mask) is 0, as in SDPA.
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -311,6 +327,7 @@ def attention_fwd_triton(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     out: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """``softmax((q * q_scale) (k * k_scale)^T * scale [causal]) @ v`` with the Triton kernel.
 
@@ -318,7 +335,9 @@ def attention_fwd_triton(
     or fp32), ``q_scale [B, Hq]`` / ``k_scale [B, Hkv]`` fp32, ``v [B, Hkv, S_kv, D]``
     fp16/bf16/fp32. Returns a new contiguous ``[B, Hq, S, D]`` tensor of ``out_dtype``.
     ``block_m``/``block_n`` override the tile sizes (powers of two >= 16); ``out`` (optional)
-    is a contiguous tensor of that shape and dtype to write into.
+    is a contiguous tensor of that shape and dtype to write into. ``attn_mask`` (optional,
+    not with ``is_causal``): SDPA's, boolean (attend where true) or additive float,
+    broadcastable to ``[B, Hq, S, S_kv]``.
     """
     bsz, hq, s_q, d = q.shape
     hkv, s_kv = k.shape[1], k.shape[2]
@@ -355,12 +374,21 @@ def attention_fwd_triton(
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"attention_fwd_triton: {name} must be a power of two >= 16, got {blk}")
 
+    if attn_mask is None:
+        mask, mask_kind, mask_strides = q_scale, 0, (0, 0, 0, 0)
+    else:
+        if is_causal:
+            raise ValueError("attention_fwd_triton: pass either attn_mask or is_causal, not both (as SDPA)")
+        # bool -> int8 before broadcasting (a copy of the mask's own size at most)
+        mask = (attn_mask.to(torch.int8) if attn_mask.dtype == torch.bool else attn_mask).expand(shape[0], hq, s_q, s_kv)
+        mask_kind, mask_strides = (1 if attn_mask.dtype == torch.bool else 2), mask.stride()
+
     grid = (triton.cdiv(s_q, bm), bsz * hq)
     _attention_fwd_kernel[grid](
-        q, k, v, out, q_scale, k_scale,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, q_scale, k_scale, mask,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
         hq, hkv, s_q, s_kv, d, hq // hkv, float(scale) * _LOG2E,
-        IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
+        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
         QK_F32=qk_f32, PV_F32=pv_f32, num_warps=warps, num_stages=stages,
     )
     return out
@@ -380,6 +408,7 @@ def fp8_attention_triton(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     out: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """``hadacore::fp8_attention`` in Triton (semantics: :mod:`hadacore.lowering.fp8_attention`).
 
@@ -392,7 +421,7 @@ def fp8_attention_triton(
     products, for GPUs before sm89. Runs on CUDA tensors, and on CPU tensors when
     ``TRITON_INTERPRET=1``.
     """
-    check_attention_args(q, k, v, rotate)
+    check_attention_args(q, k, v, rotate, attn_mask, is_causal)
     d = q.shape[-1]
     if fp8_dot is None:
         fp8_dot = supports_fp8_dot(q.device)
@@ -412,5 +441,5 @@ def fp8_attention_triton(
     return attention_fwd_triton(
         q_op, k_op, v, sq, sk,
         is_causal=is_causal, scale=1.0 / math.sqrt(d) if scale is None else scale,
-        out_dtype=q.dtype, block_m=block_m, block_n=block_n, out=out,
+        out_dtype=q.dtype, block_m=block_m, block_n=block_n, out=out, attn_mask=attn_mask,
     )

@@ -13,7 +13,9 @@ What the op computes (``q [B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S_kv, D]`` aft
    (round to nearest even, saturating at +-448). These are the FP8 tensors.
 3. ``scores = (q8 @ k8^T) * (s_q * s_k * scale)``: FP8 x FP8 products, fp32 accumulation,
    the scales applied to the fp32 scores. ``scale`` defaults to ``1/sqrt(D)`` as in SDPA.
-4. Optional causal mask with SDPA's (top-left) alignment: query ``i`` sees keys ``j <= i``.
+4. Optional causal mask with SDPA's (top-left) alignment: query ``i`` sees keys ``j <= i``;
+   or SDPA's explicit ``attn_mask`` (boolean or additive, broadcastable to
+   ``[B, Hq, S, S_kv]``). A row with no visible key outputs 0, as SDPA on CPU does.
 5. Softmax in fp32; ``P @ V`` with **V in the input dtype (not FP8)** -- P rounded to
    V's dtype for the dot on CUDA, fp32 accumulation. Output ``[B, Hq, S, D]`` in q's dtype.
 
@@ -56,11 +58,14 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_attention_args(q: Tensor, k: Tensor, v: Tensor, rotate: bool) -> int:
+def check_attention_args(
+    q: Tensor, k: Tensor, v: Tensor, rotate: bool, attn_mask: Optional[Tensor] = None, is_causal: bool = False
+) -> int:
     """Validate shapes/dtypes (metadata only: fake and symbolic tensors pass); return the GQA group.
 
     ``q [B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S_kv, D]``; fp16/bf16/fp32, all one dtype
-    and device; ``Hq % Hkv == 0``; with ``rotate`` D must be a Hadamard size.
+    and device; ``Hq % Hkv == 0``; with ``rotate`` D must be a Hadamard size; ``attn_mask``
+    bool or q's float dtype, at most 4-D, same device, not together with ``is_causal``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -81,6 +86,14 @@ def check_attention_args(q: Tensor, k: Tensor, v: Tensor, rotate: bool) -> int:
     torch._check(q.shape[0] == k.shape[0], lambda: f"fp8_attention: batch of q {q.shape[0]} != batch of k {k.shape[0]}")
     if rotate:
         check_hadamard_size(d, what="fp8_attention: head_dim for the R3 rotation")
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("fp8_attention: pass either attn_mask or is_causal, not both (as SDPA)")
+        if attn_mask.dtype not in (torch.bool, q.dtype) or attn_mask.dim() > 4 or attn_mask.device != q.device:
+            raise ValueError(
+                f"fp8_attention: attn_mask must be bool or {q.dtype}, at most 4-D, on {q.device} "
+                f"(broadcastable to [B, Hq, S, S_kv]); got {attn_mask.dtype} {tuple(attn_mask.shape)} on {attn_mask.device}"
+            )
     return hq // hkv
 
 
@@ -130,19 +143,24 @@ def fp8_attention_emulated(
     scale: Optional[float] = None,
     rotate: bool = True,
     quantize: bool = True,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """The CPU implementation of ``hadacore::fp8_attention`` (semantics: module docstring).
 
     Rotation and FP8 round trips are real (``float8_e4m3fn`` casts); the attention itself is
     ``F.scaled_dot_product_attention`` in fp32 on the dequantized Q/K and fp32 V.
     """
-    group = check_attention_args(q, k, v, rotate)
+    group = check_attention_args(q, k, v, rotate, attn_mask, is_causal)
     out_dtype = q.dtype
     q_op, k_op, sq, sk = prepare_qk(q, k, rotate=rotate, quantize=quantize)
     qf = q_op.float() * sq[..., None, None]
     kf = k_op.float() * sk[..., None, None]
     # enable_gqa: query head h reads KV head h // group, without materialising repeated K/V
-    out = F.scaled_dot_product_attention(qf, kf, v.float(), is_causal=is_causal, scale=scale, enable_gqa=group > 1)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.float()
+    out = F.scaled_dot_product_attention(
+        qf, kf, v.float(), attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=group > 1
+    )
     return out.to(out_dtype)
 
 
@@ -158,21 +176,24 @@ def _fp8_attention_op(
     scale: Optional[float] = None,
     rotate: bool = True,
     quantize: bool = True,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention with R3 and FP8 Q/K; ``[B, Hq, S, D]`` in q's dtype (see the module docstring)."""
-    return fp8_attention_emulated(q, k, v, is_causal, scale, rotate, quantize)
+    return fp8_attention_emulated(q, k, v, is_causal, scale, rotate, quantize, attn_mask)
 
 
 @_fp8_attention_op.register_kernel("cuda")
-def _fp8_attention_cuda(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True):
+def _fp8_attention_cuda(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True, attn_mask=None):
     from hadacore.kernels.fp8_attention import fp8_attention_triton
 
-    return fp8_attention_triton(q, k, v, is_causal=is_causal, scale=scale, rotate=rotate, quantize=quantize)
+    return fp8_attention_triton(
+        q, k, v, is_causal=is_causal, scale=scale, rotate=rotate, quantize=quantize, attn_mask=attn_mask
+    )
 
 
 @_fp8_attention_op.register_fake
-def _fp8_attention_fake(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True):
-    check_attention_args(q, k, v, rotate)
+def _fp8_attention_fake(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True, attn_mask=None):
+    check_attention_args(q, k, v, rotate, attn_mask, is_causal)
     return q.new_empty(q.shape)  # contiguous, like both real implementations
 
 
@@ -185,11 +206,14 @@ def fp8_attention(
     scale: Optional[float] = None,
     rotate: bool = True,
     quantize: bool = True,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """``SDPA(q, k, v)`` with R3 (``rotate``) and FP8 e4m3 Q/K (``quantize``), via ``hadacore::fp8_attention``.
 
     ``q [B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S_kv, D]`` (GQA when ``Hkv < Hq``), fp16/bf16/
-    fp32; ``scale`` defaults to ``1/sqrt(D)``; ``is_causal`` as in SDPA. Returns a new
-    contiguous ``[B, Hq, S, D]`` tensor of q's dtype. Only the ``Q K^T`` product is FP8.
+    fp32; ``scale`` defaults to ``1/sqrt(D)``; ``is_causal`` and ``attn_mask`` (bool: attend
+    where true, or additive in q's dtype; broadcastable to ``[B, Hq, S, S_kv]``) as in SDPA;
+    a row with nothing to attend to gives 0. Returns a new contiguous ``[B, Hq, S, D]``
+    tensor of q's dtype. Only the ``Q K^T`` product is FP8.
     """
-    return torch.ops.hadacore.fp8_attention(q, k, v, is_causal, scale, rotate, quantize)
+    return torch.ops.hadacore.fp8_attention(q, k, v, is_causal, scale, rotate, quantize, attn_mask)
