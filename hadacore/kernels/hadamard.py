@@ -309,17 +309,17 @@ def _pow2_at_least(v: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Pass:
-    """One launch of ``_hadamard_kernel``."""
+    """One launch of ``_hadamard_kernel`` (field names follow its constexpr parameters)."""
 
-    piece: int
-    nb: int
-    a: int
-    a_stride: int
-    b: int
-    a_m_pad: int
+    piece: int     # columns per independent piece of a row
+    nb: int        # B-blocks per piece
+    a: int         # tile's strided axis
+    a_stride: int  # columns between A slices
+    b: int         # tile's contiguous columns
+    a_m_pad: int   # axes transformed along A: M_PAD, 2-axes, 16-axes
     a_rbits: int
     a_n16: int
-    b_rbits: int
+    b_rbits: int   # axes transformed along B: 2-axes, 16-axes
     b_n16: int
 
     @property
@@ -352,7 +352,8 @@ def _chunk_pass(n: int, c: int, tile: int) -> tuple[_Pass, int]:
     chunks = n // c
     a = min(triton.next_power_of_2(chunks), max(1, tile // c))
     r_bits, n16 = _digits(c)
-    return _Pass(piece=a * c, nb=1, a=a, a_stride=c, b=c, a_m_pad=1, a_rbits=0, a_n16=0, b_rbits=r_bits, b_n16=n16), triton.cdiv(chunks, a)
+    ps = _Pass(piece=a * c, nb=1, a=a, a_stride=c, b=c, a_m_pad=1, a_rbits=0, a_n16=0, b_rbits=r_bits, b_n16=n16)
+    return ps, triton.cdiv(chunks, a)
 
 
 @functools.lru_cache(maxsize=256)
@@ -370,7 +371,8 @@ def _make_plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
     mix_m = m_pad if (m > 1 and not base_gemm) else 1  # M axis done inside _hadamard_kernel
     if mix_m > 1 and mix_m * p <= cfg.fused_max:  # fused: tile [BR, M_PAD, p]
         r_bits, n16 = _digits(p)
-        fused = _Pass(piece=n, nb=1, a=mix_m, a_stride=p, b=p, a_m_pad=mix_m, a_rbits=0, a_n16=0, b_rbits=r_bits, b_n16=n16)
+        fused = _Pass(piece=n, nb=1, a=mix_m, a_stride=p, b=p, a_m_pad=mix_m, a_rbits=0, a_n16=0,
+                      b_rbits=r_bits, b_n16=n16)
         return _Plan(base_gemm, ((fused, 1),))
     if mix_m == 1 and p <= cfg.fused_max:  # m == 1, or H_m done by the base GEMM: n/p pieces of p
         return _Plan(base_gemm, (_chunk_pass(n, p, cfg.tile),))
@@ -381,7 +383,8 @@ def _make_plan(m: int, p: int, cfg: HadamardConfig) -> _Plan:
     bb = max(1, min(c, cfg.tile // a))
     hi_rbits, hi_n16 = _digits(g)
     piece = n if mix_m > 1 else p
-    hi = _Pass(piece=piece, nb=c // bb, a=a, a_stride=c, b=bb, a_m_pad=mix_m, a_rbits=hi_rbits, a_n16=hi_n16, b_rbits=0, b_n16=0)
+    hi = _Pass(piece=piece, nb=c // bb, a=a, a_stride=c, b=bb, a_m_pad=mix_m, a_rbits=hi_rbits, a_n16=hi_n16,
+               b_rbits=0, b_n16=0)
     return _Plan(base_gemm, (_chunk_pass(n, c, cfg.tile), (hi, (n // piece) * hi.nb)))
 
 
@@ -398,7 +401,8 @@ def _base_matrix_t(m: int, device: torch.device) -> Tensor:
 
 
 # perm -> destination columns, validated once per perm tensor (perms are model constants;
-# validating needs a device sync, which must not happen on every call or under graph capture).
+# validating needs a device sync, which must not happen on every call; a perm first seen
+# inside CUDA-graph capture would fail there, so warm up before capturing).
 _DEST_CACHE: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 
