@@ -256,3 +256,16 @@ def test_second_compile_in_fresh_process_hits_fx_graph_cache(tmp_path):
     assert second["hit"] >= 1 and second["miss"] == 0
     assert first["rewritten"] == second["rewritten"] == 2
     assert first["sum"] == second["sum"]
+
+
+def test_symbolic_divisibility_checks_add_no_guards():
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from hadacore.lowering.fx import known_multiple
+
+    env = ShapeEnv()
+    s = env.create_unbacked_symint()
+    torch._check(s >= 2)
+    assert known_multiple(s * 64, 64) and known_multiple(4096, 64)
+    assert not known_multiple(s, 64) and not known_multiple(4100, 64)
+    assert len(env.guards) == 0
