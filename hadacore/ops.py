@@ -57,8 +57,11 @@ def hadamard(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm
 @hadamard.register_kernel("cuda")
 def _hadamard_cuda(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> Tensor:
     from hadacore.kernels.hadamard import hadamard_triton
+    from hadacore.lowering.hadamard import hadamard_native
 
     check_hadamard_args(x, signs, perm)
+    if x.dtype == torch.float64:  # tensor cores have no fp64 path; the factored matmuls do
+        return hadamard_native(x, scale, signs, perm)
     return hadamard_triton(x, scale, signs=signs, perm=perm)
 
 
