@@ -11,7 +11,7 @@ Dynamo and an empty Inductor cache directory. M=1 compiles its own graph (Dynamo
 specialises size-1 dims); M=16 and 128 share one graph marked dynamic in the sequence.
 
     python benchmarks/compile.py            # both models
-    python benchmarks/compile.py --only layer --iters 5
+    python benchmarks/compile.py --only layer --iters 5 --threads 2
 """
 
 from __future__ import annotations
@@ -120,7 +120,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("tiny", "layer"))
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared, oversubscribed 2-core machine OpenMP "
+                         "barriers make multi-threaded timings measure the neighbours' load)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
     rows = []
     for which in ("tiny", "layer"):
