@@ -27,11 +27,24 @@ one thread, best of 9 (times as multiples of the ``copy_`` memory floor):
 i.e. one dense factor up to 64, otherwise the fewest factors of at most 32, smallest
 first. Small factors keep the flop count low (2 * sum(factors) per element) while
 staying big enough for BLAS to run at speed.
+
+bf16 input with small n is the exception: oneDNN's bf16 matmul (AMX / AVX512-BF16 on
+this CPU) multiplies bf16 by the +-1 matrix with fp32 accumulation and rounds once, so
+a dense ``x @ H_n`` is exact by our contract and much faster than converting to fp32.
+It needs the folded matrix ``scale * diag(signs) * H_n`` to be exact in bf16 (scale a
+bf16 value, signs +-1); otherwise (e.g. ``scale = 1/24`` for n = 576) the blocked fp32
+path runs. 1M bf16 elements, one thread, best of 9, ms (dense bf16 / blocked fp32):
+
+    n=64 0.21/1.65   n=256 0.38/1.60   n=576 0.80/1.75   n=768 1.17/2.10
+    n=1024 1.58/1.43   n=1536 7.98/2.67   n=2048 12.4/1.77
+
+fp16 gets no such path: the CPU fp16 matmul is 1-40x slower than the blocked path.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 from typing import Optional
 
 import torch
@@ -45,9 +58,10 @@ __all__ = ["hadamard_native", "factor_plan"]
 _MAX_SINGLE_FACTOR = 64
 #: Otherwise it is split into factors of at most this size.
 _MAX_FACTOR_LOG2 = 5
-#: bf16 input up to this n runs as one dense bf16 matmul (see the table above).
+#: bf16 input up to this n may run as one dense bf16 matmul (see the table above).
 _DENSE_BF16_MAX_N = 768
-#: Elements per row block: two fp32 buffers of this size (1 MiB) fit L2 with room to spare.
+#: Elements per row block and thread: two fp32 buffers of this size (1 MiB) fit a core's
+#: L2 (2 MiB) with room to spare.
 _BLOCK_ELEMS = 1 << 17
 
 
@@ -94,6 +108,12 @@ def _dense_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return hadamard_matrix(n, torch.float64).to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _is_bf16_exact(v: float) -> bool:
+    (bits,) = struct.unpack("<I", struct.pack("<f", v))  # exact in fp32 and low 16 bits zero
+    return struct.unpack("<f", struct.pack("<I", bits))[0] == v and bits & 0xFFFF == 0
+
+
 def _dense_lowp_ok(x: Tensor, scale: float, signs: Optional[Tensor]) -> bool:
     """Whether ``x @ (scale * diag(signs) H_n)[:, perm]`` in bf16 is exact: the folded
     matrix must be representable (so scale must be, and signs +-1), and BLAS (oneDNN,
@@ -101,7 +121,7 @@ def _dense_lowp_ok(x: Tensor, scale: float, signs: Optional[Tensor]) -> bool:
     bit-for-bit against fp64 in tests/test_hadamard.py."""
     if x.dtype != torch.bfloat16 or x.shape[-1] > _DENSE_BF16_MAX_N or x.device.type != "cpu":
         return False
-    if float(torch.tensor(scale, dtype=torch.bfloat16)) != scale:
+    if not _is_bf16_exact(scale):
         return False
     return signs is None or bool((signs.abs() == 1).all())
 
@@ -142,7 +162,8 @@ def hadamard_native(
     x2 = x.reshape(-1, n)  # a view for any 2-D strides; copies only for exotic N-D layouts
     o2 = out.view(-1, n)
     rows = x2.shape[0]
-    rb = max(1, min(rows, _BLOCK_ELEMS // n))
+    # Each intra-op thread gets about _BLOCK_ELEMS of every matmul: its share stays in its L2.
+    rb = max(1, min(rows, _BLOCK_ELEMS * torch.get_num_threads() // n))
     sg = signs.to(acc) if signs is not None else None
     pm = perm.to(torch.long) if perm is not None else None
     # fp32 input whose rows are packed feeds the first matmul directly; with fp32 output
