@@ -56,16 +56,23 @@ class CpuTimer:
         return self.flush.numel() * 4 / self(self.flush.sum, reps=6, cold=False) / 1e6
 
     def __call__(self, fn, reps: int = 6, cold: bool | None = None) -> float:
+        return self.many([fn], reps, cold)[0]
+
+    def many(self, fns, reps: int = 6, cold: bool | None = None) -> list[float]:
+        """Time several functions round-robin (each rep runs all), so load that drifts
+        during the run hits every column alike."""
         cold = self.cold if cold is None else cold
-        fn()
-        best = float("inf")
-        for _ in range(reps):
-            if cold:
-                self.flush.sum()
-            t = time.perf_counter()
+        for fn in fns:
             fn()
-            best = min(best, time.perf_counter() - t)
-        return best * 1e3
+        best = [float("inf")] * len(fns)
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                if cold:
+                    self.flush.sum()
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+        return [b * 1e3 for b in best]
 
 
 def random_gptq(n: int, k: int, gs: int, sym: bool, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -101,12 +108,12 @@ def cpu_errors() -> None:
             )
 
 
-def cpu_table(shapes, ms, with_generic: bool, cold: bool) -> None:
+def cpu_table(shapes, ms, with_generic: bool, cold: bool, reps: int) -> None:
     timer = CpuTimer(cold)
     bw = timer.read_bandwidth()
     print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s "
           f"(sum over 768 MiB); {'cold' if cold else 'hot'} weights; int4_max_m = {DEFAULT_INT4_MAX_M}; "
-          f"group {GROUP}, symmetric; ms = min of 6 runs")
+          f"group {GROUP}, symmetric; ms = min of {reps} round-robin runs")
     head = f"{'N':>6} {'K':>6} {'M':>4} | {'hadacore':>9} {'int4':>9} {'bf16 lin':>9} {'fp32 lin':>9} {'deq+lin':>9} {'floor':>7} | {'floor/hc':>8} {'hc/best':>7}"
     print(head)
     print("-" * len(head))
@@ -124,12 +131,13 @@ def cpu_table(shapes, ms, with_generic: bool, cold: bool) -> None:
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             x32 = x.float()
-            r = {
-                "hc": timer(lambda: prepared(x)),
-                "int4": timer(lambda: int4(x)),
-                "bf16": timer(lambda: F.linear(x, w16)),
-                "fp32": timer(lambda: F.linear(x32, w32)),
+            cols = {
+                "hc": lambda: prepared(x),
+                "int4": lambda: int4(x),
+                "bf16": lambda: F.linear(x, w16),
+                "fp32": lambda: F.linear(x32, w32),
             }
+            r = dict(zip(cols, timer.many(list(cols.values()), reps)))
             if with_generic:
                 r["deq"] = timer(lambda: hadacore.w4a16_matmul(x, *args, group_size=GROUP), reps=1)
             best = min(v for key, v in r.items() if key in ("bf16", "fp32", "deq"))
@@ -212,11 +220,15 @@ def main() -> None:
     ap.add_argument("--no-generic", action="store_true", help="skip the slow dequantize-per-call column")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--hot", action="store_true", help="time with weights left in cache (default: cold)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--reps", type=int, default=6, help="timed runs per cell (the minimum is shown)")
     opts = ap.parse_args()
     torch.manual_seed(0)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     if not opts.skip_cpu:
         shapes, ms = (CPU_SHAPES[:1], [1, 16, 256]) if opts.quick else (CPU_SHAPES, CPU_MS)
-        cpu_table(shapes, ms, with_generic=not opts.no_generic, cold=not opts.hot)
+        cpu_table(shapes, ms, with_generic=not opts.no_generic, cold=not opts.hot, reps=opts.reps)
         cpu_errors()
     if torch.cuda.is_available():
         gpu_shapes, gpu_ms = (GPU_SHAPES[:1], [1, 16, 64]) if opts.quick else (GPU_SHAPES, GPU_MS)

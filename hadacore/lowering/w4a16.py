@@ -16,11 +16,28 @@ Two entry points:
   M >  ``int4_max_m``     bf16 BLAS (``F.linear``) on the dequantized bf16 weight
   ======================  =====================================================
 
-  Measured by ``benchmarks/w4a16.py`` on this project's 2-core CPU (Xeon with
-  AVX512-bf16 + AMX, 4096x4096, bf16 activations, ms): M=1 int4 0.44 vs bf16 BLAS
-  1.07; M=4 0.78 vs 0.96; M=16 3.1 vs 1.06; M=64 11.9 vs 7.9; M=256 108 vs 32. The
-  int4 kernel grows ~linearly in M while BLAS stays at its bf16-weight read time, so
-  the crossover sits near M=4 for every shape measured: ``DEFAULT_INT4_MAX_M = 4``.
+  Measured on this project's 2-core CPU (Xeon, AVX512-bf16 + AMX, bf16 activations, ms;
+  int4 = the int4 kernel, blas = bf16 ``F.linear`` on the dense weight; scripts:
+  ``benchmarks/w4a16.py``, and its ``--hot``/``--threads`` options):
+
+  ====================  ======  =====  =====  =====  =====  =====  =====
+  4096 x 4096           M=1     4      6      8      12     16     256
+  ====================  ======  =====  =====  =====  =====  =====  =====
+  2 threads, hot        0.44    0.78                         3.1    108
+    blas                1.07    0.96                         1.06   32
+  1 thread, hot         0.91    1.58   2.62   3.02   5.62   8.89
+    blas                2.23    2.35   2.86   3.04   3.45   3.82
+  1 thread, cold        1.46    1.97   3.25   3.92   13.4   15.0
+    blas                7.98    3.57   3.78   3.61   9.91   6.01
+  ====================  ======  =====  =====  =====  =====  =====  =====
+
+  11008 x 4096, 1 thread, hot int4/blas: M=6 17.8/19.3, M=8 24.9/22.6; cold: M=6
+  12.8/12.9, M=8 17.1/13.1. The int4 kernel is compute-bound and grows ~linearly in M;
+  BLAS stays near its bf16-weight read time up to M ~ 16, so the crossover is M ~ 4-8
+  whatever the shape (4 with cache-resident weights, 6-8 with weights from DRAM, as in a
+  model larger than the cache): ``DEFAULT_INT4_MAX_M = 6``. The machine was shared
+  (load 7-15 on 2 cores) while most of these were taken: single cells are noisy, the
+  crossover is not.
 
 Numerics of the prepared op (the W4A16 contract on CPU): activations are 16-bit, so
 every input dtype computes in **bf16** (x rounded to bf16, fp32 accumulation, result
@@ -56,7 +73,7 @@ __all__ = [
     "w4a16_gemm_prepared",
 ]
 
-DEFAULT_INT4_MAX_M = 4  # largest M run by the int4 kernel when a dense weight is kept (table above)
+DEFAULT_INT4_MAX_M = 6  # largest M run by the int4 kernel when a dense weight is kept (table above)
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 _INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 _COMPUTE_DTYPE = torch.bfloat16
