@@ -99,3 +99,9 @@ def test_fp8_qdq_op_error_bound_and_fused_r3():
     assert not torch.equal(y, x)
     h = torch.ops.hadacore.hadamard(x, 0.25)
     assert torch.equal(torch.ops.hadacore.fp8_qdq(x, 0.25), torch.ops.hadacore.fp8_qdq(h, 0.0))
+
+
+def test_fp8_qdq_opcheck():
+    x = torch.randn(2, 3, 5, 16)
+    torch.library.opcheck(torch.ops.hadacore.fp8_qdq.default, (x, 0.25))
+    torch.library.opcheck(torch.ops.hadacore.fp8_qdq.default, (x.bfloat16(), 0.0))

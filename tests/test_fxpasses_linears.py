@@ -104,3 +104,15 @@ def test_cpu_lowering_prepares_weights_once():
     assert all(n.split("_")[-2] in ("packed", "zeros", "weight", "perm") or "perm" in n
                for n, _ in gm.named_buffers() if n.startswith("_hadacore_") and "bias" not in n), list(dict(gm.named_buffers()))
     assert rel_err(gm(*inputs)[0], expect) < 1e-2  # bf16 activations: the W4A16 CPU contract
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compile_time_quantization_half_precision_model(dtype):
+    model = _MLP().to(dtype)
+    x = torch.randn(2, 5, 64, dtype=dtype)
+    expect = quantize_modules(model, 32)(x)  # QuantLinear with scales in the model dtype
+    gm, inputs = capture(model, x)
+    apply_passes(gm, inputs, lowering=True, quantize="w4a16", group_size=32)
+    assert count(gm, torch.ops.hadacore.w4a16_gemm_cpu) == 2
+    got = gm(*inputs)[0]
+    assert got.dtype == dtype and rel_err(got, expect) < 1e-2
