@@ -40,6 +40,10 @@ def test_pack_unpack_round_trip(bits, fmt, act_order):
     assert t["scales"].shape == (groups, n) and t["g_idx"].dtype == torch.int32
     q2, s2, z2, g2 = unpack_gptq(t, bits, checkpoint_format=fmt)
     assert torch.equal(q2, q) and torch.equal(z2, zeros) and torch.equal(s2, scales) and torch.equal(g2, g_idx)
+    # a non-contiguous qweight takes the shift-based unpacker: same integers
+    strided = {**t, "qweight": t["qweight"].t().contiguous().t()}
+    assert not strided["qweight"].is_contiguous()
+    assert torch.equal(unpack_gptq(strided, bits, checkpoint_format=fmt)[0], q)
     # dequantize is the formula, element by element (fp64 from exact fp32 products)
     w = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], k // groups, bits,
                         checkpoint_format=fmt, dtype=torch.float64)
