@@ -170,6 +170,8 @@ def hadamard_native(
     # and no permutation the last matmul writes straight into the result.
     read_direct = bool(plan) and sg is None and x2.dtype == acc and x2.stride(1) == 1 and x2.stride(0) == n
     write_direct = bool(plan) and pm is None and out.dtype == acc
+    if read_direct and write_direct and len(plan) == 1:
+        rb = rows  # one matmul from x into the result: nothing to keep in cache
     need_bufs = (0 if read_direct else 1) + max(0, len(plan) - 1) + (0 if write_direct else 1)
     bufs = [torch.empty(rb * n, dtype=acc, device=dev) for _ in range(min(2, need_bufs))]
 
