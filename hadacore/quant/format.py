@@ -227,14 +227,21 @@ def dequantize_gptq(
     zeros = _unpack_rows(qzeros.t(), bits).t().float()  # [G, N]
     if checkpoint_format == "gptq":
         zeros += 1
-    zeros_t, scales_t = zeros.t(), scales.float().t()  # [N, G]
-    # Unpack in W's own [N, K] orientation (transposing the packed words is 8x cheaper
-    # than transposing W) and update in place: big fresh temporaries dominate on CPU.
-    w = _unpack_nk(qweight, bits).float()
+    zeros_t, scales_t = zeros.t().contiguous(), scales.float().t().contiguous()  # [N, G]
+    q = _unpack_nk(qweight, bits)  # W's own [N, K] orientation: no transpose of W
     gs = k // groups
-    if g_idx is None or torch.equal(g_idx, default_g_idx(k, gs, device=g_idx.device).to(g_idx.dtype)):
-        w.view(n, groups, gs).sub_(zeros_t[:, :, None]).mul_(scales_t[:, :, None])
-    else:
-        gi = g_idx.long()
-        w.sub_(zeros_t[:, gi]).mul_(scales_t[:, gi])
-    return w.to(dtype or scales.dtype)
+    contiguous_groups = g_idx is None or torch.equal(g_idx, default_g_idx(k, gs, device=g_idx.device).to(g_idx.dtype))
+    gi = None if contiguous_groups else g_idx.long()
+    out = torch.empty((n, k), dtype=dtype or scales.dtype, device=qweight.device)
+    # Rows in chunks of ~1M elements: fp32 temporaries stay in cache and are reused, and
+    # the only big allocation is the output (fresh pages cost a fault per 4 KiB on CPU).
+    rows = max(1, (1 << 20) // max(k, 1))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = q[r0:r1].float()
+        if gi is None:
+            w.view(r1 - r0, groups, gs).sub_(zeros_t[r0:r1, :, None]).mul_(scales_t[r0:r1, :, None])
+        else:
+            w.sub_(zeros_t[r0:r1, gi]).mul_(scales_t[r0:r1, gi])
+        out[r0:r1] = w
+    return out
