@@ -105,3 +105,25 @@ def test_fp8_qdq_opcheck():
     x = torch.randn(2, 3, 5, 16)
     torch.library.opcheck(torch.ops.hadacore.fp8_qdq.default, (x, 0.25))
     torch.library.opcheck(torch.ops.hadacore.fp8_qdq.default, (x.bfloat16(), 0.0))
+
+
+def test_fp8_attention_with_mask_tensor():
+    class MaskedAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            q, k, v = (p(x).view(b, s, 4, 16).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    model = MaskedAttention().eval()
+    x = torch.randn(2, 6, 64)
+    mask = torch.randn(2, 1, 6, 6)  # additive, broadcast over heads
+    expect = model(x, mask)
+    gm, inputs = capture(model, x, mask)
+    apply_passes(gm, inputs, fp8_attention=True)
+    assert count(gm, torch.ops.hadacore.fp8_attention) == 1 and hadacore.stats()["fp8_attention_fused"] == 1
+    err = rel_err(gm(*inputs)[0], expect)
+    assert 1e-5 < err < 2**-4

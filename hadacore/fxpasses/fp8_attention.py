@@ -2,11 +2,11 @@
 quantization of Q and K (the ``Q K^T`` product is FP8; V, P and the softmax stay 16/32-bit,
 the contract of ``hadacore.lowering.fp8_attention``).
 
-- An SDPA call with no mask tensor and no dropout becomes one ``hadacore::fp8_attention``
+- An SDPA call without dropout (mask tensor or not) becomes one ``hadacore::fp8_attention``
   node (``rotate=True, quantize=True``): the R3 Hadamards the rotate pass put on Q and K
   fold into it. On CUDA that op runs the Triton kernels (fused R3 + quantize, then an FP8
   flash-attention kernel on sm89+); elsewhere its quantize-dequantize emulation.
-- Any other attention (an explicit mask tensor, dropout, the matmul-softmax-matmul form)
+- Any other attention (dropout, symbolic ``is_causal``/``scale``, the matmul-softmax-matmul form)
   keeps its own attention ops and gets ``hadacore::fp8_qdq(x, 1/sqrt(D))`` on Q and K: R3
   and the same per-head e4m3 round trip in one op (emulation on every device).
 """
@@ -36,8 +36,6 @@ def _sdpa_call(node: fx.Node) -> dict:
 def _fuse_sdpa(ctx: PassContext, block: AttentionBlock, hq: fx.Node, hk: fx.Node) -> str | None:
     """Replace the SDPA by ``hadacore::fp8_attention``; return why not, or None."""
     call = _sdpa_call(block.node)
-    if call.get("attn_mask") is not None:
-        return "attention has an explicit mask tensor"
     if call.get("dropout_p", 0.0) not in (0, 0.0):
         return "attention has dropout"
     scale, causal = call.get("scale"), call.get("is_causal", False)
@@ -46,7 +44,8 @@ def _fuse_sdpa(ctx: PassContext, block: AttentionBlock, hq: fx.Node, hk: fx.Node
     with ctx.graph.inserting_before(block.node):
         new = ctx.graph.call_function(
             torch.ops.hadacore.fp8_attention.default,
-            (hq.args[0], hk.args[0], call["value"], causal, None if scale is None else float(scale), True, True),
+            (hq.args[0], hk.args[0], call["value"], causal, None if scale is None else float(scale), True, True,
+             call.get("attn_mask")),
         )
     new.meta.update({k: v for k, v in block.node.meta.items() if k == "example_value"})
     block.node.replace_all_uses_with(new)
