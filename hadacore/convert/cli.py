@@ -37,6 +37,7 @@ def _group_size(s: str) -> int:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("gensim").setLevel(logging.WARNING)  # its test-data module logs on import
 
 
 def main(argv: list[str] | None = None) -> int:

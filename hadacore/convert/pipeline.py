@@ -316,7 +316,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
 
     inps = _capture_layer0_inputs(model, calibration_ids, opts.batch_size) if opts.method == "gptq" else None
     layers = model.model.layers
-    bar = tqdm(total=len(layers), desc=f"{opts.method} w{opts.bits}g{opts.group_size}", unit="layer", disable={True: False, False: True, None: None}[progress])
+    bar = tqdm(total=len(layers), desc=f"{opts.method} w{opts.bits}g{opts.group_size}", unit="layer", disable=None if progress is None else not progress)
     for i, layer in enumerate(layers):
         def step(name: str, i=i) -> None:
             bar.set_postfix_str(f"layer {i}: {name}")

@@ -170,6 +170,19 @@ def _load_tokenizer(path: str, **kw):
         return None
 
 
+def _as_float_model(model: nn.Module) -> nn.Module:
+    """fp32, eval mode. transformers marks GGUF-loaded models as quantized (and then refuses
+    ``.float()``) although their weights were dequantized to float tensors on load; from
+    here on they are plain float models, so the marks go."""
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if "quantization_config" in vars(model.config):
+        del model.config.quantization_config
+    return model.float().eval()
+
+
 def load_source(model_or_path, *, tokenizer=None, check=None) -> Source:
     """Load (or copy) the source as an fp32 transformers model plus its tokenizer.
 
@@ -182,7 +195,7 @@ def load_source(model_or_path, *, tokenizer=None, check=None) -> Source:
         check_model(model_or_path)
         if check:
             check(model_shape(model_or_path.config))
-        model = copy.deepcopy(model_or_path).float().eval()
+        model = _as_float_model(copy.deepcopy(model_or_path))
         return Source(model, tokenizer, f"in-memory {type(model_or_path).__name__}")
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(f"expected a path or an nn.Module, got {type(model_or_path).__name__}; expected {_SUPPORTED_TEXT}")
@@ -205,7 +218,7 @@ def load_source(model_or_path, *, tokenizer=None, check=None) -> Source:
     if gguf is None:
         _check_safetensors_dir(path)
     log.info("loading %s", path)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw).eval()
+    model = _as_float_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw))
     check_model(model)
     if tokenizer is None:
         tokenizer = _load_tokenizer(directory, **kw)
