@@ -39,6 +39,12 @@ Two entry points:
   (load 7-15 on 2 cores) while most of these were taken: single cells are noisy, the
   crossover is not.
 
+  Full table (``benchmarks/w4a16.py --threads 1``, cold weights, 4 shapes x M in
+  {1, 4, 16, 64, 256}): hadacore over the best alternative (bf16/fp32 ``F.linear``,
+  dequantize + linear) is 0.28-0.46 at M=1, 0.37-0.60 at M=4 and 0.78-1.11 from M=16
+  (there it is the same BLAS call plus ~0.1 ms of op overhead); at M=1 the int4 kernel
+  reads the weight at 0.96-1.21x the single-thread ``sum`` bandwidth.
+
 Numerics of the prepared op (the W4A16 contract on CPU): activations are 16-bit, so
 every input dtype computes in **bf16** (x rounded to bf16, fp32 accumulation, result
 rounded to bf16 then cast to x's dtype). The int4 kernel computes
