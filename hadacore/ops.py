@@ -9,6 +9,7 @@ torch code from ``hadacore.lowering``; CUDA runs the Triton kernels in
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from hadacore.hadamard import hadamard_factors
 from hadacore.quant.format import check_gptq_tensors, dequantize_gptq
 
-__all__ = ["hadamard_transform", "w4a16_matmul"]
+__all__ = ["hadamard_transform", "block_hadamard_transform", "w4a16_matmul"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -78,6 +79,27 @@ def hadamard_transform(x: Tensor, scale: float = 1.0) -> Tensor:
     Returns a new contiguous tensor of x's dtype; any input strides are honoured.
     """
     return hadamard(x, float(scale))
+
+
+def block_hadamard_transform(
+    x: Tensor, block: int, scale: Optional[float] = None, perm: Optional[Tensor] = None
+) -> Tensor:
+    """``(scale * x @ (I_{K/block} (x) H_block))[..., perm]`` along the last dim (K = x.shape[-1]).
+
+    The block-diagonal (shard-local) online Hadamard: R4 of a checkpoint planned for tensor
+    parallelism rotates each row-parallel shard's slice on its own. ``scale`` defaults to
+    ``1/sqrt(block)`` (orthonormal). With ``block == K`` this is exactly one
+    ``hadacore::hadamard(x, scale, None, perm)`` call, the permutation fused into the store;
+    otherwise the op runs on the ``(..., K/block, block)`` view and ``perm`` is a gather.
+    """
+    k = x.shape[-1]
+    if block <= 0 or k % block:
+        raise ValueError(f"Hadamard block {block} must be a positive divisor of the last dim {k}")
+    scale = 1.0 / math.sqrt(block) if scale is None else float(scale)
+    if block == k:
+        return hadamard(x, scale, None, perm)
+    y = hadamard(x.unflatten(-1, (k // block, block)), scale, None, None).flatten(-2)
+    return y if perm is None else y.index_select(-1, perm)
 
 
 # --------------------------------------------------------------------------- W4A16

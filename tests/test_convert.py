@@ -16,7 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import hadacore  # noqa: E402
 from hadacore.convert import checkpoint  # noqa: E402
 from hadacore.convert.checkpoint import load, read_state_dict  # noqa: E402
-from hadacore.convert.modules import BlockHadamardQuantLinear  # noqa: E402
 from hadacore.convert.pipeline import ConvertOptions, quantize_model, rotate_model  # noqa: E402
 from hadacore.quant.format import dequantize_gptq  # noqa: E402
 from hadacore.quant.linear import QuantLinear  # noqa: E402
@@ -130,8 +129,8 @@ def test_convert_save_load_roundtrip(model, calib, tokens, tmp_path, method, rot
     assert hc["r4_block_size"] == (INTER // tp if rotate == "full" else None)
     down = loaded.model.layers[0].mlp.down_proj
     if rotate == "full":
-        assert down.online_hadamard or isinstance(down, BlockHadamardQuantLinear)
-        assert isinstance(down, BlockHadamardQuantLinear) == (tp > 1)
+        assert down.online_hadamard
+        assert (down.hadamard_block not in (None, INTER)) == (tp > 1)
 
 
 def test_gptq_beats_rtn_end_to_end(model, calib, tokens):
@@ -331,4 +330,5 @@ def test_load_tp_delegates_to_distributed(tmp_path, model, monkeypatch):
     calls = []
     monkeypatch.setattr(hadacore.distributed, "load_sharded", lambda path, **kw: calls.append((path, kw)) or "rank model")
     assert load(out, tp_rank=1, tp_size=2) == "rank model"
-    assert calls == [(out, {"tp_rank": 1, "tp_size": 2, "device": "cpu"})]
+    assert load(out, tp_rank=1, tp_size=2, dtype=torch.bfloat16) == "rank model"
+    assert calls == [(out, {"tp_rank": 1, "tp_size": 2, "device": "cpu", "dtype": d}) for d in (None, torch.bfloat16)]

@@ -128,3 +128,35 @@ def test_different_group_sizes_are_not_fused():
     gm, inputs = capture(ref, torch.randn(1, 3, 64))
     apply_passes(gm, inputs)
     assert count(gm, W4A16) == 5  # q+v fused, k alone, gate+up fused, o, down
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["sorted", "act_order"])
+def test_block_diagonal_online_hadamard_is_left_unfused_and_exact(act_order):
+    """A tp>1 down_proj (``hadamard_block = K/2``: reshape -> hadamard -> reshape) is not the
+    fused R4 pattern: its Hadamard must stay block-diagonal, never be taken for a whole-K
+    one, and an act-order permutation cannot ride on its store; same numbers as eager."""
+    from hadacore.ops import block_hadamard_transform
+    from hadacore.quant.linear import QuantLinear
+    from hadacore.quant.permute import permute_input_columns
+
+    block = TinyLlamaBlock().eval()
+    ref = quantize_modules(block, 32)
+    w = block_hadamard_transform(block.down_proj.weight.detach(), 64)  # K = 128, two blocks
+    order = torch.randperm(128) if act_order else torch.arange(128)
+    tensors = permute_input_columns(rtn_gptq_tensors(w[:, order], 4, 32, True), torch.argsort(order))
+    ref.down_proj = QuantLinear.from_tensors(tensors, group_size=32, online_hadamard=True, hadamard_block=64)
+    assert is_sorted_by_group(ref.down_proj.g_idx) != act_order
+    x = torch.randn(2, 6, 64)
+    expect = ref(x)
+    gm, inputs = capture(ref, x)
+    ctx = apply_passes(gm, inputs)
+    assert ctx.site("down_proj").hadamard is None  # not recognised as an online R4 ...
+    had = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (HADAMARD, HADAMARD.default)]
+    assert len(had) == 1  # ... and left block-diagonal, unpermuted
+    meta = had[0].meta.get("val", had[0].meta.get("example_value"))
+    assert tuple(meta.shape[-2:]) == (2, 64) and had[0].args[1] == 0.125
+    assert len(had[0].args) < 4 or had[0].args[3] is None
+    assert count(gm, W4A16) == 4  # q/k/v, gate/up, o_proj, down_proj all still fused GEMMs
+    s = hadacore.stats()
+    assert s["gather_removed"] == 0 and s["gather_kept"] == int(act_order)
+    assert rel_err(gm(*inputs)[0], expect) < 1e-5

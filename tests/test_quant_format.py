@@ -181,3 +181,36 @@ def test_quant_linear_is_the_plain_reference(group_size, bias):
     # the CPU-prepared form computes the same layer to bf16 accuracy
     y, ref = ql.prepare_cpu()(x), x.double() @ w.double().T + (0 if lin.bias is None else lin.bias.double())
     assert ((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_block_hadamard_transform_and_quant_linear_hadamard_block(block):
+    """``block_hadamard_transform`` is ``x @ (I (x) H_b) * scale`` then ``[..., perm]``; a
+    QuantLinear with ``hadamard_block`` applies it and computes the rotated float layer."""
+    import math
+
+    import hadacore
+    from hadacore.ops import block_hadamard_transform
+
+    torch.manual_seed(0)
+    x, perm = torch.randn(3, 5, 64, dtype=torch.float64), torch.randperm(64)
+    rot = torch.block_diag(*[hadacore.hadamard_matrix(block)] * (64 // block))
+    ref = x @ rot / math.sqrt(block)
+    torch.testing.assert_close(block_hadamard_transform(x, block), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block_hadamard_transform(x, block, perm=perm), ref[..., perm], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block_hadamard_transform(x, block, 0.5), x @ rot * 0.5, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="positive divisor"):
+        block_hadamard_transform(x, 24)
+
+    lin = torch.nn.Linear(64, 40)
+    ql = QuantLinear.from_linear(lin, group_size=32, online_hadamard=True, hadamard_block=block)
+    assert f"hadamard_block={block}" in repr(ql)
+    xf = x.float()
+    w = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 32)
+    torch.testing.assert_close(ql(xf), F.linear(block_hadamard_transform(xf, block), w, lin.bias), rtol=0, atol=0)
+    # the stored weight is W (I (x) H_b) / sqrt(b): the layer is a 4-bit approximation of lin
+    assert (ql(xf) - lin(xf)).norm() / lin(xf).norm() < 0.15
+    with pytest.raises(ValueError, match="online_hadamard"):
+        QuantLinear.from_linear(lin, group_size=32, hadamard_block=block)
+    with pytest.raises(ValueError, match="divisor of in_features"):
+        QuantLinear(64, 40, online_hadamard=True, hadamard_block=24)

@@ -166,7 +166,7 @@ def load(path: str | Path, *, tp_rank: int = 0, tp_size: int = 1, device: str | 
                 "tensor-parallel loading (tp_size > 1) is provided by hadacore.distributed.load_sharded, "
                 "which is not available in this build"
             ) from None
-        return load_sharded(path, tp_rank=tp_rank, tp_size=tp_size, device=device)
+        return load_sharded(path, tp_rank=tp_rank, tp_size=tp_size, device=device, dtype=dtype)
     if tp_rank != 0:
         raise ValueError(f"tp_rank must be 0 when tp_size is 1, got {tp_rank}")
 

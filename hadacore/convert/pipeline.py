@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hadacore.convert.modules import BlockHadamardQuantLinear, OnlineHadamardLinear
+from hadacore.convert.modules import OnlineHadamardLinear
 from hadacore.convert.rotate import fold_norms, random_signs, rotate_r1, rotate_r2, rotate_r4_weights
 from hadacore.convert.source import ModelShape, check_sizes, model_shape
 from hadacore.quant.gptq import HessianAccumulator, act_order_perm_from_hessian, gptq_quantize
@@ -145,12 +145,9 @@ def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, tp: int = 1) -
 
 def make_quant_linear(tensors: dict, *, bits: int, group_size: int, bias: torch.Tensor | None, r4_block: int | None) -> QuantLinear:
     """The runtime layer for GPTQ tensors; ``r4_block`` = online R4 Hadamard block (None: no R4)."""
-    k = tensors["qweight"].shape[0] * (32 // bits)
-    if r4_block is None or r4_block == k:
-        return QuantLinear.from_tensors(tensors, group_size=group_size, bits=bits, bias=bias, online_hadamard=r4_block is not None)
-    layer = BlockHadamardQuantLinear.from_tensors(tensors, group_size=group_size, bits=bits, bias=bias)
-    layer.hadamard_block = r4_block
-    return layer
+    return QuantLinear.from_tensors(
+        tensors, group_size=group_size, bits=bits, bias=bias, online_hadamard=r4_block is not None, hadamard_block=r4_block
+    )
 
 
 class _Stop(Exception):

@@ -6,7 +6,7 @@
   :func:`plan_mlp_shard`: which rows/columns a rank holds under ``"naive"`` / ``"tp_aware"``.
 """
 
-from hadacore.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear, shard_local_hadamard
+from hadacore.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear
 from hadacore.distributed.model import ShardLoadError, agree_on_success, build_parallel_mlp, load_sharded
 from hadacore.distributed.plan import STRATEGIES, MLPShardPlan, plan_mlp_shard, plan_tp_aware_mlp
 
@@ -21,5 +21,4 @@ __all__ = [
     "load_sharded",
     "plan_mlp_shard",
     "plan_tp_aware_mlp",
-    "shard_local_hadamard",
 ]

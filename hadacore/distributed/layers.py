@@ -9,8 +9,9 @@ ranks' partial outputs with one all-reduce. The collectives are the functional o
 A row-parallel layer may transform its input shard first, in this order:
 
 1. ``hadamard_block``: a shard-local online Hadamard (R4 with ``I_tp (x) H_b``), applied to
-   each length-``b`` block of the shard; a shard-local permutation is fused into the
-   Hadamard's store through the op's ``perm`` argument when the shard is one block;
+   each length-``b`` block of the shard by :func:`hadacore.ops.block_hadamard_transform`;
+   a shard-local permutation is fused into the Hadamard's store through the op's ``perm``
+   argument when the shard is one block;
 2. ``local_perm``: otherwise, a gather inside the shard (no communication);
 3. ``gather_index``: the naive act-order path: all-gather the full activation from every
    rank and take the columns this rank's (globally group-sorted) weight shard expects.
@@ -18,36 +19,17 @@ A row-parallel layer may transform its input shard first, in this order:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-import hadacore.ops  # noqa: F401  (registers torch.ops.hadacore.*)
+from hadacore.ops import block_hadamard_transform
 
-__all__ = ["ColumnParallelQuantLinear", "RowParallelQuantLinear", "shard_local_hadamard"]
+__all__ = ["ColumnParallelQuantLinear", "RowParallelQuantLinear"]
 
 # torch >= 2.10 names it all_gather_single (all_gather_tensor is deprecated there).
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-
-
-def shard_local_hadamard(x: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """``(I (x) H_block / sqrt(block))`` along the last dim of ``x``, then ``[..., perm]``.
-
-    When the shard is a single block the permutation is fused into the Hadamard's store
-    (``hadacore::hadamard``'s ``perm``); with several blocks per shard it is a gather.
-    """
-    k = x.shape[-1]
-    if k % block:
-        raise ValueError(f"the Hadamard block {block} does not divide the shard width {k}")
-    scale = 1.0 / math.sqrt(block)
-    if k == block:
-        return torch.ops.hadacore.hadamard(x, scale, None, perm)
-    y = torch.ops.hadacore.hadamard(x.reshape(*x.shape[:-1], k // block, block), scale, None, None)
-    y = y.reshape(x.shape)
-    return y if perm is None else y.index_select(-1, perm)
 
 
 class ColumnParallelQuantLinear(nn.Module):
@@ -126,7 +108,7 @@ class RowParallelQuantLinear(nn.Module):
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.hadamard_block is not None:
-            x = shard_local_hadamard(x, self.hadamard_block, self.local_perm)
+            x = block_hadamard_transform(x, self.hadamard_block, perm=self.local_perm)
         elif self.local_perm is not None:
             x = x.index_select(-1, self.local_perm)
         if self.gather_index is not None:

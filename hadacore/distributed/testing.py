@@ -4,24 +4,24 @@ They are built the way a converter would build them, without calibration data: R
 the input columns taken in a random order (GPTQ act-order's storage: an unsorted
 ``g_idx``), optionally with down_proj's weight rotated by a block-diagonal Hadamard
 (online R4 with a shard-local block). The single-process reference model uses plain
-``QuantLinear`` layers and :class:`BlockHadamardQuantLinear`, never the TP code.
+``QuantLinear`` layers (down_proj with ``online_hadamard=True, hadamard_block=b``), never
+the TP code.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
 from torch import nn
 
-import hadacore
+from hadacore.ops import block_hadamard_transform
 from hadacore.quant.format import pack_gptq
 from hadacore.quant.linear import QuantLinear
 from hadacore.quant.rtn import quantize_rtn
 
-__all__ = ["act_order_gptq", "rotate_blocks", "BlockHadamardQuantLinear", "tiny_llama_config", "write_tiny_checkpoint"]
+__all__ = ["act_order_gptq", "tiny_llama_config", "write_tiny_checkpoint"]
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -46,24 +46,6 @@ def block_local_perm(k: int, blocks: int, generator: torch.Generator) -> torch.T
     """A random permutation of range(k) that maps each of ``blocks`` equal ranges to itself."""
     size = k // blocks
     return torch.cat([b * size + torch.randperm(size, generator=generator) for b in range(blocks)])
-
-
-def rotate_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
-    """``w @ (I (x) H_block / sqrt(block))``: the offline side of a shard-local R4."""
-    n, k = w.shape
-    return hadacore.hadamard_transform(w.reshape(n, k // block, block), 1.0 / math.sqrt(block)).reshape(n, k)
-
-
-class BlockHadamardQuantLinear(nn.Module):
-    """Reference for a down_proj with a block-diagonal online Hadamard: ``QuantLinear(x (I (x) H_b))``."""
-
-    def __init__(self, linear: QuantLinear, block: int):
-        super().__init__()
-        self.linear, self.block = linear, block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = hadacore.hadamard_transform(x.reshape(*x.shape[:-1], -1, self.block), 1.0 / math.sqrt(self.block))
-        return self.linear(y.reshape(x.shape))
 
 
 def tiny_llama_config(**overrides):
@@ -114,7 +96,7 @@ def write_tiny_checkpoint(
             k = w.shape[1]
             block = None
             if attr == "down_proj" and r4_block is not None:
-                w, block = rotate_blocks(w, r4_block), r4_block
+                w, block = block_hadamard_transform(w, r4_block), r4_block  # the offline side of R4
             if attr == "down_proj" and down_act_order == "block":
                 perm = block_local_perm(k, k // (r4_block or k), gen)
             else:
@@ -122,8 +104,8 @@ def write_tiny_checkpoint(
             gptq = act_order_gptq(w, group_size, perm)
             for key, t in gptq.items():
                 tensors[f"model.layers.{i}.{lin}.{key}"] = t
-            q = QuantLinear.from_tensors(gptq, group_size=group_size)
-            setattr(parent, attr, q if block is None else BlockHadamardQuantLinear(q, block))
+            q = QuantLinear.from_tensors(gptq, group_size=group_size, online_hadamard=block is not None, hadamard_block=block)
+            setattr(parent, attr, q)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"))
     cfg = config.to_dict()
