@@ -133,6 +133,24 @@ def test_convert_save_load_roundtrip(model, calib, tokens, tmp_path, method, rot
         assert (down.hadamard_block not in (None, INTER)) == (tp > 1)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_w_clip_option_reaches_the_quantizer_and_config(model, calib, tokens, tmp_path, method):
+    out = tmp_path / "out"
+    default = hadacore.convert(model, tmp_path / "default", method=method, group_size=16, calibration=calib,
+                               samples=8, seqlen=32, dtype=torch.float32)
+    flipped = ConvertOptions().w_clip is False
+    hadacore.convert(model, out, method=method, group_size=16, calibration=calib, samples=8, seqlen=32,
+                     dtype=torch.float32, w_clip=flipped)
+    assert json.loads((out / "config.json").read_text())["hadacore"]["w_clip"] is flipped
+    assert json.loads((default / "config.json").read_text())["hadacore"]["w_clip"] is (not flipped)
+    a, b = load(out), load(default)
+    scales = lambda m: m.model.layers[0].mlp.down_proj.scales
+    assert not torch.equal(scales(a), scales(b))  # the option changed the grids
+    qm = _quantize(model, calib, method=method, w_clip=flipped)
+    assert torch.equal(logits(a, tokens), logits(qm.model, tokens))
+    assert rel(logits(a, tokens), logits(model, tokens)) < 0.2
+
+
 def test_gptq_beats_rtn_end_to_end(model, calib, tokens):
     ref = logits(model, tokens)
     e_rtn = rel(logits(_quantize(model, calib, method="rtn", rotate="offline").model, tokens), ref)
@@ -311,6 +329,11 @@ def test_cli_convert_from_hf_directory(model, tokens, tmp_path):
     out = tmp_path / "q"
     assert main([str(src), str(out), "--method", "rtn", "--group-size", "16", "--rotate", "full", "--dtype", "float32"]) == 0
     assert main([str(src), str(out), "--method", "rtn", "--group-size", "16"]) == 2  # exists, no --force
+    clip = tmp_path / "clip"
+    assert main([str(src), str(clip), "--method", "rtn", "--group-size", "16", "--w-clip", "--dtype", "float32"]) == 0
+    assert main([str(src), str(tmp_path / "noclip"), "--method", "rtn", "--group-size", "16", "--no-w-clip", "--dtype", "float32"]) == 0
+    assert json.loads((clip / "config.json").read_text())["hadacore"]["w_clip"] is True
+    assert json.loads((tmp_path / "noclip" / "config.json").read_text())["hadacore"]["w_clip"] is False
     assert rel(logits(load(out), tokens), logits(model, tokens)) < 0.2
 
 

@@ -20,8 +20,9 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
     return 2.0 / x.shape[0] * x.t() @ x
 
 
-def reference_gptq(W, H, *, bits, group_size, act_order, percdamp=0.01):
-    """The algorithm as written in the paper: one column at a time, no blocks, fp64.
+def reference_gptq(W, H, *, bits, group_size, act_order, percdamp=0.01, clip=False):
+    """The algorithm as written in the paper: one column at a time, no blocks, fp64
+    (``clip``: each group's grid by the reference Quantizer's mse=True search).
 
     Returns ``(dequantized weight in the original column order, order)``."""
     W = W.double().clone()
@@ -32,7 +33,7 @@ def reference_gptq(W, H, *, bits, group_size, act_order, percdamp=0.01):
     H[dead, dead] = 1
     W[:, dead] = 0
     if group_size == -1:
-        scale, zero = quant_grid(W, bits, True)
+        scale, zero = quant_grid(W, bits, True, clip=clip, scale_dtype=torch.float64)
     order = torch.argsort(-torch.diagonal(H), stable=True) if act_order else torch.arange(k)
     W, H = W[:, order], H[order][:, order]
     H += percdamp * torch.diagonal(H).mean() * torch.eye(k, dtype=torch.float64)
@@ -40,7 +41,7 @@ def reference_gptq(W, H, *, bits, group_size, act_order, percdamp=0.01):
     Q = torch.zeros_like(W)
     for j in range(k):
         if group_size != -1 and j % group_size == 0:
-            scale, zero = quant_grid(W[:, j : j + group_size], bits, True)
+            scale, zero = quant_grid(W[:, j : j + group_size], bits, True, clip=clip, scale_dtype=torch.float64)
         scale_, zero_ = scale.double(), zero.double()
         q = torch.clamp(torch.round(W[:, j] / scale_) + zero_, 0, maxq)
         Q[:, j] = scale_ * (q - zero_)
@@ -53,7 +54,8 @@ def reference_gptq(W, H, *, bits, group_size, act_order, percdamp=0.01):
     "group_size,act_order,n,k",
     [(32, True, 16, 256), (64, True, 24, 192), (128, False, 8, 256), (-1, True, 16, 160), (16, True, 8, 80)],
 )
-def test_gptq_matches_column_by_column_reference(group_size, act_order, n, k):
+@pytest.mark.parametrize("clip", [False, True])
+def test_gptq_matches_column_by_column_reference(group_size, act_order, n, k, clip):
     # k=192, 160, 80 are not multiples of the 128-column block, and group 32/64/16 groups
     # start inside blocks: the lazy updates must still give the unblocked result.
     g = torch.Generator().manual_seed(k + n)
@@ -63,10 +65,10 @@ def test_gptq_matches_column_by_column_reference(group_size, act_order, n, k):
     H = _hessian(x)
     got_t = gptq_quantize(
         W, H, bits=4, group_size=group_size, act_order=act_order,
-        scale_dtype=torch.float64, compute_dtype=torch.float64,
+        scale_dtype=torch.float64, compute_dtype=torch.float64, clip=clip,
     )
     got = dequantize_gptq(got_t["qweight"], got_t["qzeros"], got_t["scales"], got_t["g_idx"], group_size, 4)
-    want, order = reference_gptq(W, H, bits=4, group_size=group_size, act_order=act_order)
+    want, order = reference_gptq(W, H, bits=4, group_size=group_size, act_order=act_order, clip=clip)
     rel = (got.double() - want).norm() / want.norm()
     assert rel < 1e-6, rel  # fp32 dequantization rounding only
     # g_idx: groups are consecutive in quantization order

@@ -149,6 +149,70 @@ def test_rtn_within_half_a_step(group_size, sym, bits):
     assert ((deq16 - w.half().double()).abs() <= 0.5 * step16 * (1 + (1 << bits) * 2**-10)).all()
 
 
+def _clip_search_reference(row: torch.Tensor, bits: int, sym: bool) -> tuple[float, float]:
+    """GPTQ's Quantizer(mse=True) for one row, scalar by scalar: the (scale, zero) of least sum |err|^2.4."""
+    maxq = 2**bits - 1
+    xmin, xmax = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+    if sym:
+        xmax = max(-xmin, xmax)
+        xmin = -xmax
+    best = (float("inf"), None, None)
+    for i in range(20):
+        p = 1 - i / 100
+        lo, hi = p * xmin, p * xmax
+        scale = torch.tensor((hi - lo) / maxq, dtype=torch.float32)
+        zero = (maxq + 1) // 2 if sym else round(-lo / float(scale))
+        if not sym and zero == 0:  # v1 cannot store zero 0: the grid quant_grid uses instead
+            scale, zero = torch.tensor(hi / (maxq - 1), dtype=torch.float32), 1
+        q = torch.clamp(torch.round(row / scale) + zero, 0, maxq)
+        err = float(((scale * (q - zero) - row).abs() ** 2.4).sum())
+        if err < best[0]:
+            best = (err, float(scale), float(zero))
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_quant_grid_clip_search_is_the_reference_search(sym, bits):
+    gen = torch.Generator().manual_seed(11 + bits + sym)
+    w = torch.distributions.StudentT(3.0).sample((24, 64)) * torch.rand(24, 1, generator=gen)  # heavy tails: clipping pays
+    w[0] = torch.rand(64, generator=gen) + 0.1  # all positive (asym: zero would round to 0)
+    scale, zero = quant_grid(w, bits, sym, clip=True)
+    for r in range(w.shape[0]):
+        ref_scale, ref_zero = _clip_search_reference(w[r], bits, sym)
+        assert float(scale[r]) == pytest.approx(ref_scale, rel=1e-6) and float(zero[r]) == ref_zero, r
+    plain_scale, _ = quant_grid(w, bits, sym)
+    assert (scale < plain_scale).any()  # some rows did clip
+    assert (scale >= 0.8 * plain_scale * (1 - 1e-6)).all()  # and none by more than the search allows
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_rtn_clip_error_never_above_plain(group_size, sym, scale_dtype):
+    # Clipped values may lie beyond half a step by design; what the search guarantees is
+    # that each group's (stored-grid) error norm is no larger than min/max RTN's, since
+    # the unclipped range is one of its candidates.
+    gen = torch.Generator().manual_seed(group_size + sym)
+    n, k = 16, 128
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    w[::3, ::7] *= 6  # outliers
+    w[1] = 0
+    gs = k if group_size == -1 else group_size
+
+    def group_err(t):
+        deq = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], group_size, 4, dtype=torch.float64)
+        return ((deq - w.double()).abs() ** 2.4).reshape(n, k // gs, gs).sum(-1)
+
+    plain = rtn_gptq_tensors(w, 4, group_size, sym, scale_dtype=scale_dtype)
+    clipped = rtn_gptq_tensors(w, 4, group_size, sym, scale_dtype=scale_dtype, clip=True)
+    check_gptq_tensors(clipped["qweight"], clipped["qzeros"], clipped["scales"], clipped["g_idx"], group_size)
+    e_plain, e_clip = group_err(plain), group_err(clipped)
+    assert (e_clip <= e_plain * (1 + 1e-6)).all(), (e_clip / e_plain).max()
+    assert (e_clip < 0.95 * e_plain).any()  # and it does find better grids
+    assert torch.equal(e_clip[1], torch.zeros(k // gs, dtype=torch.float64))  # an all-zero row stays exact
+
+
 def test_rtn_asym_zero_never_zero_and_quant_grid():
     w = torch.rand(4, 32) + 0.1  # all positive: the plain grid's zero would be 0
     scale, zero = quant_grid(w, 4, sym=False)

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--w-clip", action=argparse.BooleanOptionalAction, default=False,
+                   help="clip search: each group's range shrinks by up to 20%% when that lowers its error (GPTQ's mse=True)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="dtype of scales and float weights")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert(
             src, a.out, bits=a.bits, group_size=a.group_size, method=a.method, act_order=a.act_order,
             rotate=a.rotate, tp=a.tp, calibration=None if a.calibration == "packaged" else a.calibration,
-            samples=a.samples, seqlen=a.seqlen, seed=a.seed, force=a.force, dtype=getattr(torch, a.dtype),
+            samples=a.samples, seqlen=a.seqlen, seed=a.seed, w_clip=a.w_clip, force=a.force, dtype=getattr(torch, a.dtype),
         )
     except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
         print(f"hadacore-convert: error: {e}", file=sys.stderr)

@@ -65,6 +65,7 @@ class ConvertOptions:
     dtype: torch.dtype = torch.float16
     percdamp: float = 0.01
     batch_size: int = 8
+    w_clip: bool = False  # per-group clip search of the grid (GPTQ's mse=True / QuaRot's w_clip)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -122,6 +123,7 @@ class QuantizedModel:
             "r4_block_size": s.intermediate // o.tp if r4 else None,
             "tp_planned": o.tp,
             "act_order": self.plan,
+            "w_clip": o.w_clip,
             "calibration": {"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed} if o.method == "gptq" else None,
         }
 
@@ -224,14 +226,15 @@ class _LayerQuantizer:
     def _gptq(self, lin: nn.Linear, H: torch.Tensor, perm: torch.Tensor | None = None) -> dict:
         return gptq_quantize(
             lin.weight, H, bits=self.o.bits, group_size=self.o.group_size, act_order=self.o.act_order,
-            perm=perm, percdamp=self.o.percdamp, scale_dtype=self.o.dtype,
+            perm=perm, percdamp=self.o.percdamp, scale_dtype=self.o.dtype, clip=self.o.w_clip,
         )
 
     def rtn(self, layer: nn.Module) -> None:
         for parent, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
             for name in names:
                 lin = _float_linear(getattr(parent, name))
-                t = rtn_gptq_tensors(lin.weight.detach(), self.o.bits, self.o.group_size, True, scale_dtype=self.o.dtype)
+                t = rtn_gptq_tensors(lin.weight.detach(), self.o.bits, self.o.group_size, True,
+                                     scale_dtype=self.o.dtype, clip=self.o.w_clip)
                 self._install(parent, name, t, self._bias(lin), r4=name == "down_proj")
 
     def gptq(self, layer: nn.Module, inps, step) -> None:
@@ -389,6 +392,7 @@ def convert(
     samples: int = 128,
     seqlen: int = 512,
     seed: int = 0,
+    w_clip: bool = False,
     force: bool = False,
     dtype: torch.dtype = torch.float16,
     tokenizer=None,
@@ -402,13 +406,15 @@ def convert(
     "full" (also R4, applied online to down_proj's input at run time). ``calibration``
     (GPTQ only): a text file path, a list of strings, a LongTensor ``[samples, seqlen]`` of
     token ids, or None for the packaged text. ``tp``: the tensor-parallel degree the
-    act-order layout and R4 blocks are planned for. Returns the output directory.
+    act-order layout and R4 blocks are planned for. ``w_clip``: choose each group's range
+    by clip search (shrink up to 20% to minimize the group's error) instead of min/max.
+    Returns the output directory.
     """
     from hadacore.convert.checkpoint import DEFAULT_MAX_SHARD_BYTES, check_output_dir, save_checkpoint
     from hadacore.convert.source import load_source
 
     opts = ConvertOptions(bits=bits, group_size=group_size, method=method, act_order=act_order, rotate=rotate,
-                          tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype)
+                          tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, w_clip=w_clip)
     check_output_dir(out_dir, force)  # fail before the slow part, and again when writing
     src = load_source(model_or_path, tokenizer=tokenizer,
                       check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))

@@ -18,7 +18,8 @@ up-to-date columns, so the blocked algorithm equals the column-by-column one exa
 (they coincide with the reference whenever groups start on block boundaries, e.g.
 group 128 with block 128).
 
-The quantization grid is the RTN one (:func:`hadacore.quant.rtn.quant_grid`); scales
+The quantization grid is the RTN one (:func:`hadacore.quant.rtn.quant_grid`, optionally
+with its clip search); scales
 are rounded to the storage dtype before use so the error feedback sees the values a
 loader will dequantize.
 """
@@ -88,6 +89,7 @@ def gptq_quantize(
     blocksize: int = 128,
     scale_dtype: torch.dtype = torch.float16,
     compute_dtype: torch.dtype = torch.float32,
+    clip: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Quantize ``weight [N, K]`` with GPTQ given the Hessian ``H [K, K]`` of its inputs.
 
@@ -97,7 +99,9 @@ def gptq_quantize(
     order ``g_idx[perm[j]] = j // group_size``; ``group_size=-1`` is per-channel (one
     group per output row, from the unmodified weight, as the reference).
     ``compute_dtype`` (fp32, or fp64 for reference checks) is the precision of W, H and
-    the updates. Returns GPTQ v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``); dequantizing them gives exactly
+    the updates. ``clip``: each group's grid comes from the clip search of
+    :func:`hadacore.quant.rtn.quant_grid` (the reference's ``mse=True``), run on the
+    group's up-to-date columns at its boundary. Returns GPTQ v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``); dequantizing them gives exactly
     the matrix GPTQ's error feedback was computed against.
     """
     if weight.dim() != 2:
@@ -119,7 +123,7 @@ def gptq_quantize(
     W[:, dead] = 0.0
 
     def grid(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero = quant_grid(cols, bits, sym)
+        scale, zero = quant_grid(cols, bits, sym, clip=clip, scale_dtype=scale_dtype)
         return scale.to(scale_dtype).to(compute_dtype), zero.to(compute_dtype)  # the stored scale drives the rounding
 
     if group_size == -1:
