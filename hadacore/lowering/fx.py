@@ -29,7 +29,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from hadacore.fxpasses.cleanup import drop_unused_constants
+from hadacore.fxpasses.cleanup import drop_unused_constants, eliminate_dead_code
 from hadacore.fxpasses.context import PassContext, example_value, is_call
 from hadacore.lowering.w4a16 import prepare_w4a16_cpu
 
@@ -86,7 +86,7 @@ def lower(ctx: PassContext) -> fx.GraphModule:
             name = node.name
             node.meta["hadacore_lowering"] = choice = _lower_w4a16(ctx, node)
             log.debug("hadacore: %s lowered to %s", name, choice)
-    ctx.graph.eliminate_dead_code()
+    eliminate_dead_code(ctx.graph)
     drop_unused_constants(ctx)
     ctx.gm.recompile()
     return ctx.gm
