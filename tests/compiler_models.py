@@ -18,6 +18,12 @@ from hadacore.quant.permute import permute_input_columns
 from hadacore.quant.rtn import rtn_gptq_tensors
 
 
+# The ops the passes emit or match, as the tests count them.
+W4A16 = torch.ops.hadacore.w4a16_gemm
+DEQUANT = torch.ops.hadacore.gptq_dequantize
+HADAMARD = torch.ops.hadacore.hadamard
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import hadacore
-from compiler_models import TinyLlamaBlock, apply_passes, capture, count, rel_err
+from compiler_models import apply_passes, capture, count, HADAMARD, rel_err, TinyLlamaBlock
 
-HADAMARD = torch.ops.hadacore.hadamard
 
 
 @pytest.fixture(autouse=True)

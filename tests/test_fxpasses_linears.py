@@ -8,15 +8,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import hadacore
-from compiler_models import apply_passes, capture, count, quantize_modules, rel_err
+from compiler_models import apply_passes, capture, count, DEQUANT, HADAMARD, quantize_modules, rel_err, W4A16
 from hadacore.backend import validate_options
 from hadacore.fxpasses import PassContext
 from hadacore.fxpasses.find_linears import find_linears
 from hadacore.quant.linear import QuantLinear
 
-W4A16 = torch.ops.hadacore.w4a16_gemm
-DEQUANT = torch.ops.hadacore.gptq_dequantize
-HADAMARD = torch.ops.hadacore.hadamard
 
 
 @pytest.fixture(autouse=True)

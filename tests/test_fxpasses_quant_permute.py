@@ -8,12 +8,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import hadacore
-from compiler_models import TinyLlamaBlock, apply_passes, capture, count, quantize_modules, rel_err
+from compiler_models import apply_passes, capture, count, HADAMARD, quantize_modules, rel_err, TinyLlamaBlock, W4A16
 from hadacore.quant.permute import is_sorted_by_group
 from hadacore.quant.rtn import rtn_gptq_tensors
 
-W4A16 = torch.ops.hadacore.w4a16_gemm
-HADAMARD = torch.ops.hadacore.hadamard
 
 
 @pytest.fixture(autouse=True)
