@@ -12,6 +12,7 @@ from compiler_models import apply_passes, capture, count, DEQUANT, HADAMARD, qua
 from hadacore.backend import validate_options
 from hadacore.fxpasses import PassContext
 from hadacore.fxpasses.find_linears import find_linears
+from hadacore.lowering.w4a16 import bf16_linear, int4_linear
 from hadacore.quant.linear import QuantLinear
 
 
@@ -88,19 +89,39 @@ def test_quantlinear_pattern_rewritten_to_w4a16(online):
     assert rel_err(gm(*inputs)[0], expect) < 1e-5
 
 
-def test_cpu_lowering_prepares_weights_once():
+# (x's leading shape, dynamic) -> the lowering's choice and the graph constants it keeps
+_CPU_PATHS = {
+    # act-order perms fold into the neighbours here, so "perm" is allowed but not required
+    "int4": (((1, 3), False), "cpu:int4 (M <= 6 known at compile time)", ("packed", "zeros", "perm")),
+    "bf16": (((2, 5), False), "cpu:bf16 BLAS (M > 6 known at compile time)", ("weight",)),
+    "dispatch": (((2, 5), True), "cpu:prepared int4+bf16, dispatch on M per call", ("packed", "zeros", "weight", "perm")),
+}
+
+
+@pytest.mark.parametrize("path", list(_CPU_PATHS))
+def test_cpu_lowering_prepares_weights_once(path):
+    (lead, dynamic), choice, kept = _CPU_PATHS[path]
     model = quantize_modules(_MLP(), 32, act_order=("down_proj",))
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(*lead, 64)
     expect = model(x)
-    gm, inputs = capture(model, x)
+    gm, inputs = capture(model, x, dynamic=dynamic)
     apply_passes(gm, inputs, lowering=True)
-    assert count(gm, W4A16) == 0 and count(gm, torch.ops.hadacore.w4a16_gemm_cpu) == 2
+    ops = {"int4": int4_linear, "bf16": bf16_linear, "dispatch": torch.ops.hadacore.w4a16_gemm_cpu}
+    assert count(gm, W4A16) == 0 and count(gm, ops[path]) == 2
+    assert sum(count(gm, op) for op in ops.values()) == 2
     choices = [n.meta["hadacore_lowering"] for n in gm.graph.nodes if "hadacore_lowering" in n.meta]
-    assert choices == ["cpu:prepared int4+bf16"] * 2
-    # only the prepared tensors stay alive: the fused/sorted GPTQ constants were dropped
-    assert all(n.split("_")[-2] in ("packed", "zeros", "weight", "perm") or "perm" in n
-               for n, _ in gm.named_buffers() if n.startswith("_hadacore_") and "bias" not in n), list(dict(gm.named_buffers()))
+    assert choices == [choice] * 2
+    # only the chosen path's prepared tensors stay alive: the GPTQ constants were dropped
+    buffers = [n for n, _ in gm.named_buffers() if n.startswith("_hadacore_") and "bias" not in n]
+    kinds = {n.split("_")[-2] for n in buffers}  # names end in <tensor>_<counter>
+    assert kinds - {"perm"} == set(kept) - {"perm"} and kinds <= set(kept), buffers
     assert rel_err(gm(*inputs)[0], expect) < 1e-2  # bf16 activations: the W4A16 CPU contract
+    if dynamic:  # the same graph serves sizes on both sides of the threshold
+        for other in ((1, 1), (3, 7)):
+            xo = torch.randn(*other, 64)
+            size = dict(zip(lead, other))  # Dynamo passes x's symbolic sizes as int inputs
+            args = [xo if t is x else size[t] if isinstance(t, int) else t for t in inputs]
+            assert rel_err(gm(*args)[0], model(xo)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -110,6 +131,6 @@ def test_compile_time_quantization_half_precision_model(dtype):
     expect = quantize_modules(model, 32)(x)  # QuantLinear with scales in the model dtype
     gm, inputs = capture(model, x)
     apply_passes(gm, inputs, lowering=True, quantize="w4a16", group_size=32)
-    assert count(gm, torch.ops.hadacore.w4a16_gemm_cpu) == 2
+    assert count(gm, bf16_linear) == 2  # M = 10 > 6: the dense path, known at compile time
     got = gm(*inputs)[0]
     assert got.dtype == dtype and rel_err(got, expect) < 1e-2

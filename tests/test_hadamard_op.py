@@ -121,3 +121,53 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+# --------------------------------------------------------------------------- CPU lowering
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("n", (2, 64, 576, 1536, 172 * 64))
+@pytest.mark.parametrize("use_signs, use_perm", ((False, False), (True, True)))
+def test_matmul_form_equals_native_op_on_one_block(n: int, dtype: torch.dtype, use_signs: bool, use_perm: bool) -> None:
+    """The traced form the compiler emits for decode-sized inputs computes exactly what the
+    op's native path does (same matrices, same order, one rounding): bit for bit."""
+    from hadacore.lowering.hadamard import fits_one_block, hadamard_by_matmuls, matmul_plan
+
+    rows = 3
+    assert fits_one_block(rows, n)
+    x, signs, perm = make(n, rows=rows, dtype=dtype, seed=n)
+    x = x.reshape(1, rows, n)
+    signs = signs if use_signs else None
+    perm = perm if use_perm else None
+    scale = 1.0 / n ** 0.5
+    mats, afters = matmul_plan(n, scale, dtype, x.device, signed=signs is not None)
+    got = hadamard_by_matmuls(x, signs, perm, mats, afters)
+    want = hadamard_op(x, scale, signs, perm)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, want)
+    assert rel_err(got, reference(x, scale, signs, perm)) < TOL.get(dtype, 1e-12)
+
+
+@pytest.mark.parametrize("rows, lowered", ((4, True), (4096, False)))
+def test_cpu_lowering_uses_matmul_form_only_for_one_block(rows: int, lowered: bool) -> None:
+    """A decode-sized Hadamard becomes plain matmuls in the compiled graph; a large one keeps
+    the op (whose blocked native path keeps its buffers in L2). Both match the reference."""
+    from compiler_models import apply_passes, capture, count
+    from hadacore.lowering.hadamard import hadamard_by_matmuls
+
+    n = 1536
+
+    def f(x):
+        return hadamard_op(torch.relu(x), 1.0 / n ** 0.5) * 2.0
+
+    x = torch.randn(rows, n)
+    gm, inputs = capture(f, x)
+    apply_passes(gm, inputs, lowering=True)
+    assert count(gm, hadamard_by_matmuls) == int(lowered) and count(gm, hadamard_op) == int(not lowered)
+    choice = [nd.meta["hadacore_lowering"] for nd in gm.graph.nodes if "hadacore_lowering" in nd.meta]
+    assert choice == (["cpu:matmuls 12x8x16 (torch.float32)"] if lowered else ["cpu:op (rows not known to fit one block)"])
+    y = gm(*inputs)[0]
+    assert torch.equal(y, f(x))
+    compiled = torch.compile(f, backend="hadacore")
+    assert rel_err(compiled(x), 2.0 * reference(torch.relu(x), 1.0 / n ** 0.5)) < TOL[torch.float32]

@@ -7,12 +7,22 @@ The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged.
   so a dynamic batch/sequence never forces a recompile.
 - CPU: the weight is prepared once, at compile time
   (``hadacore.lowering.w4a16.prepare_w4a16_cpu``: repacked for torch's int4 kernel plus a
-  bf16 copy for larger M), the prepared tensors become graph constants, and the node
-  becomes ``hadacore::w4a16_gemm_cpu`` (int4 kernel for small M, bf16 BLAS above; the
-  choice is made per call inside the op, again without guards). W4A16 means 16-bit
-  activations: on this path activations are computed in bf16 whatever the model dtype,
-  so results match the fp32 reference to bf16 tolerance (~1e-2), not fp32's. Like
-  compile-time quantization it snapshots the weights.
+  bf16 copy for larger M) and the prepared tensors become graph constants. When M (rows
+  of x) provably lies on one side of ``int4_max_m`` for every size, as in a static decode
+  step (M = batch) or a fixed-length prefill, the node becomes that path's plain aten
+  code (:func:`~hadacore.lowering.w4a16.int4_linear` or ``bf16_linear``), which
+  AOTAutograd traces: Inductor fuses its casts and gather into the neighbouring kernels
+  and calls the int4 kernel directly, and only that path's tensors are kept. Otherwise
+  (dynamic M) it becomes ``hadacore::w4a16_gemm_cpu``, which picks the path per call,
+  without guards. W4A16 means 16-bit activations: on this path activations are computed
+  in bf16 whatever the model dtype, so results match the fp32 reference to bf16
+  tolerance (~1e-2), not fp32's. Like compile-time quantization it snapshots the weights.
+- CPU Hadamard: when x provably fits one row block of the native transform (decode-sized
+  inputs), ``hadacore::hadamard`` becomes
+  :func:`~hadacore.lowering.hadamard.hadamard_by_matmuls`: the same factor matrices as
+  graph constants and a few matmuls that Inductor compiles (no Python op dispatch per
+  call, which costs more than the transform itself at decode sizes). Larger inputs keep
+  the op, whose blocked native path keeps its work buffers in L2.
 
 Shape conditions are checked on the (possibly symbolic) sizes with
 ``statically_known_true``, which never adds a guard: a condition that is not provable for
@@ -31,13 +41,15 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hadacore.fxpasses.cleanup import drop_unused_constants, eliminate_dead_code
 from hadacore.fxpasses.context import PassContext, example_value, is_call
-from hadacore.lowering.w4a16 import prepare_w4a16_cpu
+from hadacore.lowering.hadamard import fits_one_block, hadamard_by_matmuls, matmul_plan
+from hadacore.lowering.w4a16 import PreparedW4A16, bf16_linear, int4_linear, prepare_w4a16_cpu
 
 __all__ = ["lower", "known_multiple"]
 
 log = logging.getLogger("hadacore.compiler")
 
 _W4A16 = (torch.ops.hadacore.w4a16_gemm,)
+_HADAMARD = (torch.ops.hadacore.hadamard,)
 
 
 def known_multiple(size: Any, d: int) -> bool:
@@ -64,27 +76,94 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
     if any(t is None for t in tensors) or (g_idx is not None and gi is None):
         return "cpu:native (weights are not constants)"
     prepared = prepare_w4a16_cpu(*tensors, gi, group_size)
-    names = ("packed", "scales_and_zeros", "weight", "perm")
-    args = [None if t is None else ctx.add_constant(f"{node.name}.{n}", t, node) for n, t in zip(names, prepared.op_args()[:4])]
+    path = _cpu_path(prepared, _rows(x))
+    keep = {"int4": ("packed", "scales_and_zeros", "perm"), "bf16": ("weight",)}.get(path, _PREPARED)
+    args = {
+        name: ctx.add_constant(f"{node.name}.{name}", t, node) if t is not None and name in keep else None
+        for name, t in zip(_PREPARED, prepared.op_args()[:4])
+    }
+    bias = node.args[5]
     with ctx.graph.inserting_before(node):
-        new = ctx.graph.call_function(
-            torch.ops.hadacore.w4a16_gemm_cpu.default,
-            (node.args[0], *args, bias, prepared.int4_group_size, prepared.out_features, prepared.int4_max_m),
-        )
+        if path == "int4":
+            new = ctx.graph.call_function(int4_linear, (
+                node.args[0], args["packed"], args["scales_and_zeros"], args["perm"], bias,
+                prepared.int4_group_size, prepared.out_features,
+            ))
+        elif path == "bf16":
+            new = ctx.graph.call_function(bf16_linear, (node.args[0], args["weight"], bias))
+        else:
+            new = ctx.graph.call_function(torch.ops.hadacore.w4a16_gemm_cpu.default, (
+                node.args[0], *args.values(), bias, prepared.int4_group_size, prepared.out_features,
+                prepared.int4_max_m,
+            ))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.graph.erase_node(node)
-    choice = "cpu:prepared " + ("int4+bf16" if prepared.packed is not None else "bf16")
+    choice = {
+        "int4": "cpu:int4 (M <= %d known at compile time)" % prepared.int4_max_m,
+        "bf16": "cpu:bf16 BLAS" + (" (M > %d known at compile time)" % prepared.int4_max_m if prepared.packed is not None else ""),
+    }.get(path, "cpu:prepared int4+bf16, dispatch on M per call")
     new.meta["hadacore_lowering"] = choice
+    return choice
+
+
+_PREPARED = ("packed", "scales_and_zeros", "weight", "perm")
+
+
+def _rows(x: Any) -> Any:
+    """M = rows of x (product of its leading dims; symbolic under dynamic shapes), or None."""
+    if x is None:
+        return None
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    return m
+
+
+def _cpu_path(prepared: PreparedW4A16, m: Any) -> str:
+    """``"int4"``/``"bf16"`` when M provably picks one path for every size (no guard is added),
+    else ``"dispatch"``: the op ``hadacore::w4a16_gemm_cpu`` chooses per call."""
+    if prepared.packed is None:
+        return "bf16"
+    if prepared.weight is None:
+        return "int4"
+    if m is not None:  # the op's own rule: int4 for M <= int4_max_m
+        if statically_known_true(m <= prepared.int4_max_m):
+            return "int4"
+        if statically_known_true(m > prepared.int4_max_m):
+            return "bf16"
+    return "dispatch"
+
+
+def _lower_hadamard(ctx: PassContext, node: fx.Node) -> str:
+    x = example_value(node.args[0])
+    if x is None or x.device.type != "cpu":
+        return "op" if x is None else f"{x.device.type}:op"
+    n = x.shape[-1]
+    if not isinstance(n, int) or n < 2 or not statically_known_true(fits_one_block(_rows(x), n)):
+        return "cpu:op (rows not known to fit one block)"
+    args = list(node.args) + [None] * (4 - len(node.args))
+    scale = node.kwargs.get("scale", args[1] if args[1] is not None else 1.0)
+    signs, perm = node.kwargs.get("signs", args[2]), node.kwargs.get("perm", args[3])
+    matrices, afters = matmul_plan(n, float(scale), x.dtype, x.device, signed=signs is not None)
+    mats = [ctx.add_constant(f"{node.name}.h{i}", h, node) for i, h in enumerate(matrices)]
+    with ctx.graph.inserting_before(node):
+        new = ctx.graph.call_function(hadamard_by_matmuls, (node.args[0], signs, perm, mats, afters))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.graph.erase_node(node)
+    new.meta["hadacore_lowering"] = choice = "cpu:matmuls " + "x".join(str(h.shape[0]) for h in matrices) + f" ({matrices[0].dtype})"
     return choice
 
 
 def lower(ctx: PassContext) -> fx.GraphModule:
     """Pick the per-device implementation of every fused node (see the module docstring)."""
     for node in list(ctx.graph.nodes):
-        if is_call(node, _W4A16):
+        lower_node = _lower_w4a16 if is_call(node, _W4A16) else _lower_hadamard if is_call(node, _HADAMARD) else None
+        if lower_node is not None:
             name = node.name
-            node.meta["hadacore_lowering"] = choice = _lower_w4a16(ctx, node)
+            choice = lower_node(ctx, node)
+            node.meta["hadacore_lowering"] = choice  # a replaced node's successor carries it too
             log.debug("hadacore: %s lowered to %s", name, choice)
     eliminate_dead_code(ctx.graph)
     drop_unused_constants(ctx)

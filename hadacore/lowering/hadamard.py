@@ -52,7 +52,7 @@ from torch import Tensor
 
 from hadacore.hadamard import hadamard_base, hadamard_factors, hadamard_matrix, sylvester
 
-__all__ = ["hadamard_native", "factor_plan"]
+__all__ = ["hadamard_native", "factor_plan", "fits_one_block", "matmul_plan", "hadamard_by_matmuls"]
 
 #: A power-of-two part up to this size is one dense matmul.
 _MAX_SINGLE_FACTOR = 64
@@ -209,3 +209,54 @@ def hadamard_native(
         if cur.data_ptr() != ob.data_ptr():
             ob.copy_(cur)  # the single rounding to x.dtype
     return out
+
+
+# --------------------------------------------------------------------------- traceable form
+
+
+def fits_one_block(rows, n: int) -> bool:
+    """Whether ``rows`` rows of size ``n`` are one row block of :func:`hadamard_native`
+    (``rows`` may be symbolic; the caller proves it without guards)."""
+    return rows * n <= _BLOCK_ELEMS
+
+
+def matmul_plan(
+    n: int, scale: float, dtype: torch.dtype, device: torch.device, *, signed: bool = False
+) -> tuple[list[Tensor], list[int]]:
+    """``(matrices, afters)`` for :func:`hadamard_by_matmuls`: the matrices
+    :func:`hadamard_native` uses for x of ``dtype``: the dense bf16 matrix with ``scale``
+    folded in when that is exact (and, here, only without ``signs``, whose values are not
+    known when the plan is made), else the fp32/fp64 Kronecker factors."""
+    if n < 2:
+        raise ValueError(f"the matmul form needs n >= 2, got {n}")
+    dense = dtype == torch.bfloat16 and n <= _DENSE_BF16_MAX_N and device.type == "cpu" and not signed
+    if dense and _is_bf16_exact(scale):
+        return [(_dense_matrix(n, dtype, device) * scale).contiguous()], [1]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    plan = _factor_matrices(n, float(scale), acc, device)
+    return [h for _, _, h in plan], [after for _, after, _ in plan]
+
+
+def hadamard_by_matmuls(
+    x: Tensor, signs: Optional[Tensor], perm: Optional[Tensor], matrices: list[Tensor], afters: list[int]
+) -> Tensor:
+    """:func:`hadamard_native` for inputs that fit one row block, as plain functional aten ops.
+
+    The compiler emits this function in place of the op when x is known to be small (a
+    decode step): AOTAutograd traces it into a few matmuls with constant matrices from
+    :func:`matmul_plan`, which Inductor fuses with the neighbouring casts and runs without
+    a Python op dispatch. Same matrices, same order, one rounding at the end: the same
+    result as the op's single-block path. Signs of +-1 are exact in any precision.
+    """
+    n = x.shape[-1]
+    acc = matrices[0].dtype
+    y = x.reshape(-1, n).to(acc)
+    if signs is not None:
+        y = y * signs.to(acc)
+    for h, after in zip(matrices, afters):
+        f = h.shape[0]
+        y = torch.mm(y.reshape(-1, f), h) if after == 1 else torch.matmul(h, y.reshape(-1, f, after))
+    y = y.reshape(-1, n)
+    if perm is not None:
+        y = y.index_select(1, perm.to(torch.long))
+    return y.to(x.dtype).reshape(x.shape)

@@ -77,6 +77,8 @@ __all__ = [
     "prepare_w4a16_cpu",
     "w4a16_gemm_native",
     "w4a16_gemm_prepared",
+    "int4_linear",
+    "bf16_linear",
 ]
 
 DEFAULT_INT4_MAX_M = 6  # largest M run by the int4 kernel when a dense weight is kept (table above)
@@ -278,6 +280,44 @@ def check_prepared_args(
     return k
 
 
+def int4_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales_and_zeros: Tensor,
+    perm: Optional[Tensor],
+    bias: Optional[Tensor],
+    group_size: int,
+    out_features: int,
+) -> Tensor:
+    """The int4 path in plain aten ops: bf16 ``x`` (gathered by ``perm``) through torch's int4 kernel.
+
+    The compiler emits this function itself, not the op, when M is known to be small at
+    compile time: AOTAutograd traces it, so Inductor fuses the casts and the gather into
+    the neighbouring kernels and calls the int4 kernel directly (no Python op dispatch).
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(_COMPUTE_DTYPE)
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, scales_and_zeros)
+    return _finish(y[:, :out_features], x, bias)
+
+
+def bf16_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The dense path: bf16 BLAS on the dequantized bf16 weight (emitted as is when M is known large)."""
+    k = x.shape[-1]
+    y = F.linear(x.reshape(-1, k).to(_COMPUTE_DTYPE), weight)
+    return _finish(y, x, bias)
+
+
+def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """bf16 ``y [M, N]`` -> x's dtype, plus bias, in x's leading shape."""
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def w4a16_gemm_prepared(
     x: Tensor,
     packed: Optional[Tensor],
@@ -290,18 +330,9 @@ def w4a16_gemm_prepared(
     int4_max_m: int,
 ) -> Tensor:
     """The CPU body of ``hadacore::w4a16_gemm_cpu``: dispatch on M (module docstring)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).to(_COMPUTE_DTYPE)
-    m = x2.shape[0]
+    m = x.numel() // x.shape[-1]
     if packed is not None and (weight is None or m <= int4_max_m):
-        if perm is not None:
-            x2 = x2.index_select(1, perm)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, scales_and_zeros)
-        if y.shape[1] != out_features:
-            y = y[:, :out_features]
+        y = int4_linear(x, packed, scales_and_zeros, perm, bias, group_size, out_features)
     else:
-        y = F.linear(x2, weight)
-    y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.contiguous().view(*x.shape[:-1], out_features)
+        y = bf16_linear(x, weight, bias)
+    return y.contiguous()
