@@ -151,6 +151,58 @@ def test_w_clip_option_reaches_the_quantizer_and_config(model, calib, tokens, tm
     assert rel(logits(a, tokens), logits(model, tokens)) < 0.2
 
 
+def test_asymmetric_checkpoint_compiled_matches_eager(model, calib, tokens, tmp_path):
+    """sym=False: zeros other than 8 reach the config, the checkpoint and the compiled int4 path."""
+    from hadacore.quant.format import unpack_gptq
+
+    out = tmp_path / "asym"
+    hadacore.convert(model, out, method="gptq", rotate="full", group_size=32, sym=False, calibration=calib,
+                     samples=8, seqlen=32)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sym"] is False
+    loaded = load(out, dtype=torch.float32).eval()
+    zeros = unpack_gptq({k: getattr(loaded.model.layers[0].mlp.up_proj, k) for k in ("qweight", "qzeros", "scales")})[2]
+    assert (zeros != 8).float().mean() > 0.5
+    eager = logits(loaded, tokens)
+    assert rel(eager, logits(model, tokens)) < 0.2
+    torch._dynamo.reset()
+    hadacore.reset_stats()
+    with torch.no_grad():
+        compiled = torch.compile(loaded.forward, backend="hadacore")(input_ids=tokens, use_cache=False).logits
+    assert hadacore.stats()["linear_rewritten"] == 7 * LAYERS
+    assert rel(compiled, eager) < 1e-2  # bf16 compute on the int4 kernel
+
+
+@pytest.mark.parametrize("option", [{"sym": False}, {"static_groups": True}, {"gptaq": True}, {"gptaq": True, "gptaq_alpha": 1.0}])
+def test_gptq_options_reach_the_quantizer_and_config(model, calib, tokens, tmp_path, option):
+    out = tmp_path / "out"
+    default = _quantize(model, calib, rotate="full")
+    hadacore.convert(model, out, method="gptq", rotate="full", group_size=16, calibration=calib, samples=8, seqlen=32,
+                     dtype=torch.float32, **option)
+    config = json.loads((out / "config.json").read_text())
+    qm = _quantize(model, calib, rotate="full", **option)
+    assert config["quantization_config"] == qm.quantization_config()
+    assert config["quantization_config"]["sym"] is option.get("sym", True)
+    assert config["quantization_config"]["static_groups"] is option.get("static_groups", False)
+    assert config["hadacore"]["gptaq"] == ({"alpha": option.get("gptaq_alpha", 0.25)} if "gptaq" in option else None)
+    loaded = load(out)
+    assert torch.equal(logits(loaded, tokens), logits(qm.model, tokens))
+    assert not torch.equal(logits(loaded, tokens), logits(default.model, tokens))  # the option did something
+    assert rel(logits(loaded, tokens), logits(model, tokens)) < 0.2
+    if option.get("static_groups"):
+        for m in loaded.modules():
+            if isinstance(m, QuantLinear):
+                assert torch.equal(m.g_idx.long(), torch.arange(m.in_features) // 16)
+
+
+def test_gptaq_tracks_the_fp_model_better_on_a_deep_model(calib, tokens):
+    """Errors compound over layers; GPTAQ corrects toward the fp model's activations."""
+    deep = tiny_llama(seed=4, num_hidden_layers=6)
+    ref = logits(deep, calib)
+    err = lambda **kw: rel(logits(_quantize(deep, calib, rotate="full", group_size=32, **kw).model, calib), ref)
+    plain, gptaq = err(), err(gptaq=True, gptaq_alpha=1.0)
+    assert gptaq < plain, (gptaq, plain)
+
+
 def test_gptq_beats_rtn_end_to_end(model, calib, tokens):
     ref = logits(model, tokens)
     e_rtn = rel(logits(_quantize(model, calib, method="rtn", rotate="offline").model, tokens), ref)
@@ -335,6 +387,26 @@ def test_cli_convert_from_hf_directory(model, tokens, tmp_path):
     assert json.loads((clip / "config.json").read_text())["hadacore"]["w_clip"] is True
     assert json.loads((tmp_path / "noclip" / "config.json").read_text())["hadacore"]["w_clip"] is False
     assert rel(logits(load(out), tokens), logits(model, tokens)) < 0.2
+    # GPTQ flags (the HF directory has no tokenizer: rtn keeps it fast; the flags still parse and reach the config)
+    asym = tmp_path / "asym"
+    assert main([str(src), str(asym), "--method", "rtn", "--group-size", "16", "--no-sym", "--dtype", "float32"]) == 0
+    assert json.loads((asym / "config.json").read_text())["quantization_config"]["sym"] is False
+    assert main([str(src), str(tmp_path / "bad"), "--method", "rtn", "--gptaq"]) == 2  # a GPTQ-only option
+    assert main([str(src), str(tmp_path / "bad"), "--percdamp", "1.5"]) == 2
+
+
+def test_wiki_calibration_text_is_disjoint_from_the_evaluation_text():
+    pytest.importorskip("gensim")
+    from hadacore import data
+    from hadacore.convert.pipeline import _describe_calibration
+
+    wiki, held_out = data.wiki_calibration_text(), data.eval_text()
+    assert len(wiki) > 5 * len(held_out)  # 2.6 MB vs 0.44 MB
+    paragraphs = [p for p in held_out.split("\n\n") if len(p) > 100]
+    assert len(paragraphs) > 50 and not any(p in wiki for p in paragraphs)
+    assert data.CALIBRATION_SOURCES["lee"]() == data.calibration_text()
+    assert _describe_calibration("wiki") == "packaged:wiki" and _describe_calibration(None) == "packaged:lee"
+    assert _describe_calibration(torch.zeros(1, 2, dtype=torch.long)) == "token ids"
 
 
 def test_import_hadacore_does_not_import_transformers():

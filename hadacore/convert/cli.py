@@ -51,13 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotate", choices=("none", "offline", "full"), default="offline",
                    help="none: plain GPTQ; offline: R1+R2 folded into weights; full: also R4 (online Hadamard on down_proj input)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to plan act-order and R4 blocks for")
-    p.add_argument("--calibration", default="packaged", help="a text file, or 'packaged' (gensim's lee_background.cor)")
+    p.add_argument("--calibration", default="packaged",
+                   help="a text file, or a packaged text: 'packaged'/'lee' (gensim's lee_background.cor news), "
+                        "'wiki' (gensim's Wikipedia articles after the evaluation ones)")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--w-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="clip search: each group's range shrinks by up to 20%% when that lowers its error "
                         "(GPTQ's mse=True; on by default: lower perplexity for RTN and GPTQ)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                   help="symmetric grids (zero point 8); --no-sym: asymmetric, a zero point per group")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ: group grids from the weight before GPTQ's updates (g_idx stays sorted)")
+    p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ: GPTAQ/GPTQv2 asymmetric calibration (match the fp model's layer outputs)")
+    p.add_argument("--gptaq-alpha", type=float, default=0.25, help="scale of GPTAQ's extra update")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ Hessian dampening (fraction of the mean diagonal)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="dtype of scales and float weights")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -74,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         out = convert(
             src, a.out, bits=a.bits, group_size=a.group_size, method=a.method, act_order=a.act_order,
             rotate=a.rotate, tp=a.tp, calibration=None if a.calibration == "packaged" else a.calibration,
-            samples=a.samples, seqlen=a.seqlen, seed=a.seed, w_clip=a.w_clip, force=a.force, dtype=getattr(torch, a.dtype),
+            samples=a.samples, seqlen=a.seqlen, seed=a.seed, w_clip=a.w_clip, sym=a.sym, static_groups=a.static_groups,
+            gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, percdamp=a.percdamp, force=a.force, dtype=getattr(torch, a.dtype),
         )
     except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
         print(f"hadacore-convert: error: {e}", file=sys.stderr)

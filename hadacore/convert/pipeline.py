@@ -55,6 +55,7 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 class ConvertOptions:
     bits: int = 4
     group_size: int = 128
+    sym: bool = True
     method: str = "gptq"
     act_order: bool = True
     rotate: str = "offline"
@@ -68,6 +69,12 @@ class ConvertOptions:
     # Per-group clip search of the grid (GPTQ's mse=True / QuaRot's w_clip). On SmolLM2-135M,
     # W4 g64 rotate=full: GPTQ 25.87 -> 25.63 ppl, RTN 52.68 -> 42.18 (fp32 22.03).
     w_clip: bool = True
+    # Group grids from the weight before GPTQ's updates (AutoGPTQ's static_groups): g_idx stays sorted.
+    static_groups: bool = False
+    # GPTAQ (GPTQv2, Li et al. 2025): match each layer's output to the fp model's, not to its own
+    # fp output on the quantized inputs; ``gptaq_alpha`` scales the extra update as the reference.
+    gptaq: bool = False
+    gptaq_alpha: float = 0.25
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,6 +91,12 @@ class ConvertOptions:
             raise ValueError("samples, seqlen and batch_size must be positive")
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {self.dtype}")
+        if not 0 <= self.percdamp < 1:
+            raise ValueError(f"percdamp must lie in [0, 1), got {self.percdamp}")
+        if self.gptaq_alpha < 0:
+            raise ValueError(f"gptaq_alpha must be >= 0, got {self.gptaq_alpha}")
+        if self.method != "gptq" and (self.static_groups or self.gptaq):
+            raise ValueError("static_groups and gptaq are options of method='gptq'")
 
     @property
     def uses_act_order(self) -> bool:
@@ -104,11 +117,11 @@ class QuantizedModel:
             "bits": o.bits,
             "group_size": o.group_size,
             "desc_act": o.uses_act_order,
-            "sym": True,
+            "sym": o.sym,
             "checkpoint_format": "gptq",
             "true_sequential": True,
             "damp_percent": o.percdamp,
-            "static_groups": False,
+            "static_groups": o.static_groups,
             "lm_head": False,
         }
 
@@ -126,6 +139,7 @@ class QuantizedModel:
             "tp_planned": o.tp,
             "act_order": self.plan,
             "w_clip": o.w_clip,
+            "gptaq": {"alpha": o.gptaq_alpha} if o.gptaq else None,
             "calibration": {"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed} if o.method == "gptq" else None,
         }
 
@@ -190,12 +204,30 @@ def _layer_out(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hessian(layer: nn.Module, inps, target: nn.Linear) -> HessianAccumulator:
-    """Hessian of ``target``'s inputs over the calibration set; the forward stops right there."""
-    acc = HessianAccumulator(target.in_features)
+def _fp_layer_pass(layer: nn.Module, fp_inps, targets: dict[str, nn.Module]) -> tuple[list, dict[str, list[torch.Tensor]]]:
+    """The fp layer on the fp model's hidden states: its outputs and each target's inputs per batch."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0].detach()))
+               for name, m in targets.items()]
+    try:
+        outs = [(_layer_out(layer(h, **kw)), kw) for h, kw in fp_inps]
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, seen
+
+
+@torch.no_grad()
+def _hessian(layer: nn.Module, inps, target: nn.Linear, fp_inputs: list[torch.Tensor] | None = None) -> HessianAccumulator:
+    """Hessian of ``target``'s inputs over the calibration set; the forward stops right there.
+
+    ``fp_inputs``: the same inputs in the fp model, one per batch (GPTAQ's ``dXXT`` too).
+    """
+    acc = HessianAccumulator(target.in_features, asymmetric=fp_inputs is not None)
+    batch = iter(fp_inputs or ())
 
     def hook(_mod, args):
-        acc.add(args[0])
+        acc.add(args[0], next(batch) if fp_inputs is not None else None)
         raise _Stop
 
     handle = target.register_forward_pre_hook(hook)
@@ -225,54 +257,65 @@ class _LayerQuantizer:
             tensors, bits=self.o.bits, group_size=self.o.group_size, bias=bias, r4_block=self.r4_block if r4 else None
         ))
 
-    def _gptq(self, lin: nn.Linear, H: torch.Tensor, perm: torch.Tensor | None = None) -> dict:
+    def _gptq(self, lin: nn.Linear, acc: HessianAccumulator, perm: torch.Tensor | None = None) -> dict:
         return gptq_quantize(
-            lin.weight, H, bits=self.o.bits, group_size=self.o.group_size, act_order=self.o.act_order,
-            perm=perm, percdamp=self.o.percdamp, scale_dtype=self.o.dtype, clip=self.o.w_clip,
+            lin.weight, acc.H, bits=self.o.bits, group_size=self.o.group_size, act_order=self.o.act_order,
+            sym=self.o.sym, perm=perm, percdamp=self.o.percdamp, scale_dtype=self.o.dtype, clip=self.o.w_clip,
+            static_groups=self.o.static_groups, dXXT=acc.dXXT, alpha=self.o.gptaq_alpha,
         )
 
     def rtn(self, layer: nn.Module) -> None:
         for parent, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
             for name in names:
                 lin = _float_linear(getattr(parent, name))
-                t = rtn_gptq_tensors(lin.weight.detach(), self.o.bits, self.o.group_size, True,
+                t = rtn_gptq_tensors(lin.weight.detach(), self.o.bits, self.o.group_size, self.o.sym,
                                      scale_dtype=self.o.dtype, clip=self.o.w_clip)
                 self._install(parent, name, t, self._bias(lin), r4=name == "down_proj")
 
-    def gptq(self, layer: nn.Module, inps, step) -> None:
+    def gptq(self, layer: nn.Module, inps, step, fp_inps=None):
+        """Quantize ``layer`` given its calibration inputs ``inps``; with GPTAQ, ``fp_inps`` are the
+        fp model's hidden states at this layer, and the fp model's next ones are returned."""
         o, s = self.o, self.shape
         at, mlp = layer.self_attn, layer.mlp
         per_channel = o.group_size == -1
         ordered = o.act_order
+        down = mlp.down_proj
+        fp_seen: dict[str, list[torch.Tensor]] = {}
+        if fp_inps is not None:
+            step("fp forward")
+            targets = {"q_proj": at.q_proj, "o_proj": at.o_proj, "gate_proj": mlp.gate_proj, "down_proj": _float_linear(down)}
+            fp_inps, fp_seen = _fp_layer_pass(layer, fp_inps, targets)
+
+        def hessian(target: nn.Linear, name: str) -> HessianAccumulator:
+            return _hessian(layer, inps, target, fp_seen.pop(name) if fp_inps is not None else None)
 
         step("q/k/v")
-        H = _hessian(layer, inps, at.q_proj).H
+        acc = hessian(at.q_proj, "q_proj")
         for name in ("q_proj", "k_proj", "v_proj"):
             lin = getattr(at, name)
-            self._install(at, name, self._gptq(lin, H), self._bias(lin))
+            self._install(at, name, self._gptq(lin, acc), self._bias(lin))
 
         step("o_proj")
-        H = _hessian(layer, inps, at.o_proj).H
+        acc = hessian(at.o_proj, "o_proj")
         perm = None
         if ordered and not per_channel:
             blocks = s.heads if s.head_dim % o.group_size == 0 else o.tp
-            perm = act_order_perm_from_hessian(H, blocks=blocks)
-        self._install(at, "o_proj", self._gptq(at.o_proj, H, perm), None)
+            perm = act_order_perm_from_hessian(acc.H, blocks=blocks)
+        self._install(at, "o_proj", self._gptq(at.o_proj, acc, perm), None)
 
         step("gate/up")
-        H = _hessian(layer, inps, mlp.gate_proj).H
-        gate_up = {name: self._gptq(getattr(mlp, name), H) for name in ("gate_proj", "up_proj")}
+        acc = hessian(mlp.gate_proj, "gate_proj")
+        gate_up = {name: self._gptq(getattr(mlp, name), acc) for name in ("gate_proj", "up_proj")}
         for name, t in gate_up.items():
             self._install(mlp, name, t, None)
 
         step("down_proj")
-        down = mlp.down_proj
-        H = _hessian(layer, inps, _float_linear(down)).H
+        acc = hessian(_float_linear(down), "down_proj")
         if self.r4_block is not None:
-            perm = act_order_perm_from_hessian(H, blocks=o.tp) if ordered and not per_channel else None
-            self._install(mlp, "down_proj", self._gptq(_float_linear(down), H, perm), None, r4=True)
-            return
-        t = self._gptq(down, H)
+            perm = act_order_perm_from_hessian(acc.H, blocks=o.tp) if ordered and not per_channel else None
+            self._install(mlp, "down_proj", self._gptq(_float_linear(down), acc, perm), None, r4=True)
+            return fp_inps
+        t = self._gptq(down, acc)
         if ordered and not per_channel:
             # TP-aware permutation: sort down's columns by group, fold the gather into gate/up.
             p = act_order_perm(t["g_idx"])
@@ -280,6 +323,7 @@ class _LayerQuantizer:
             for name, gt in gate_up.items():
                 self._install(mlp, name, permute_output_rows(gt, p, o.bits), None)
         self._install(mlp, "down_proj", t, None)
+        return fp_inps
 
 
 def _act_order_plan(o: ConvertOptions, shape: ModelShape) -> dict:
@@ -287,6 +331,9 @@ def _act_order_plan(o: ConvertOptions, shape: ModelShape) -> dict:
         return {"qkv_gate_up": "none", "o_proj": "none", "down_proj": "none"}
     if o.group_size == -1:
         return {"qkv_gate_up": "global", "o_proj": "global", "down_proj": "global (per-channel: g_idx all zero)"}
+    if o.static_groups:
+        return {"qkv_gate_up": "global", "o_proj": "global", "down_proj": "global",
+                "g_idx": "sorted (static groups: columns keep their natural groups)"}
     o_proj = "head_local" if shape.head_dim % o.group_size == 0 else ("tp_shard_local" if o.tp > 1 else "global")
     if o.rotate == "full":
         down = "tp_shard_local (unsorted g_idx within each shard)" if o.tp > 1 else "global (unsorted g_idx)"
@@ -317,6 +364,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
     quantizer = _LayerQuantizer(opts, shape)
 
     inps = _capture_layer0_inputs(model, calibration_ids, opts.batch_size) if opts.method == "gptq" else None
+    fp_inps = list(inps) if opts.method == "gptq" and opts.gptaq else None
     layers = model.model.layers
     bar = tqdm(total=len(layers), desc=f"{opts.method} w{opts.bits}g{opts.group_size}", unit="layer", disable=None if progress is None else not progress)
     for i, layer in enumerate(layers):
@@ -327,7 +375,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
         if opts.method == "rtn":
             quantizer.rtn(layer)
         else:
-            quantizer.gptq(layer, inps, step)
+            fp_inps = quantizer.gptq(layer, inps, step, fp_inps)
             step("forward")
             inps = [(_layer_out(layer(h, **kw)), kw) for h, kw in inps]
         bar.update(1)
@@ -352,6 +400,8 @@ def _calibration_ids(calibration, tokenizer, opts: ConvertOptions) -> torch.Tens
         raise ValueError("the source has no tokenizer: pass calibration as a LongTensor [samples, seqlen] of token ids")
     if calibration is None or calibration == "packaged":
         text = None
+    elif isinstance(calibration, str) and calibration in data.CALIBRATION_SOURCES:
+        text = data.CALIBRATION_SOURCES[calibration]()
     elif isinstance(calibration, (str, Path)):
         p = Path(calibration)
         if not p.is_file():
@@ -364,8 +414,24 @@ def _calibration_ids(calibration, tokenizer, opts: ConvertOptions) -> torch.Tens
     return data.calibration_tokens(tokenizer, samples=opts.samples, seqlen=opts.seqlen, seed=opts.seed, text=text)
 
 
-def output_config(qm: QuantizedModel, source: str) -> dict:
-    """config.json of the converted model: a LlamaForCausalLM config + GPTQ + hadacore blocks."""
+def _describe_calibration(calibration) -> str:
+    """What the calibration tokens came from, for the config's record."""
+    if calibration is None or calibration == "packaged":
+        return "packaged:lee"
+    if isinstance(calibration, torch.Tensor):
+        return "token ids"
+    from hadacore.data import CALIBRATION_SOURCES
+
+    if isinstance(calibration, str) and calibration in CALIBRATION_SOURCES:
+        return f"packaged:{calibration}"
+    if isinstance(calibration, (str, Path)):
+        return f"file:{Path(calibration).name}"
+    return "list of strings"
+
+
+def output_config(qm: QuantizedModel, source: str, calibration: str | None = None) -> dict:
+    """config.json of the converted model: a LlamaForCausalLM config + GPTQ + hadacore blocks
+    (``calibration``: what the GPTQ calibration text was, recorded in the hadacore block)."""
     config = qm.model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype"):
         config.pop(key, None)
@@ -377,6 +443,8 @@ def output_config(qm: QuantizedModel, source: str) -> dict:
         quantization_config=qm.quantization_config(),
         hadacore=qm.hadacore_config(source),
     )
+    if calibration is not None and config["hadacore"]["calibration"] is not None:
+        config["hadacore"]["calibration"]["text"] = calibration
     return config
 
 
@@ -395,6 +463,11 @@ def convert(
     seqlen: int = 512,
     seed: int = 0,
     w_clip: bool = True,
+    sym: bool = True,
+    static_groups: bool = False,
+    gptaq: bool = False,
+    gptaq_alpha: float = 0.25,
+    percdamp: float = 0.01,
     force: bool = False,
     dtype: torch.dtype = torch.float16,
     tokenizer=None,
@@ -407,21 +480,29 @@ def convert(
     GPTQ), "offline" (R1 + R2 folded into weights: still a plain GPTQ checkpoint),
     "full" (also R4, applied online to down_proj's input at run time). ``calibration``
     (GPTQ only): a text file path, a list of strings, a LongTensor ``[samples, seqlen]`` of
-    token ids, or None for the packaged text. ``tp``: the tensor-parallel degree the
+    token ids, None for the packaged news text, or the name of a packaged text
+    (``hadacore.data.CALIBRATION_SOURCES``: "lee" news, "wiki" Wikipedia articles disjoint
+    from the evaluation ones). ``tp``: the tensor-parallel degree the
     act-order layout and R4 blocks are planned for. ``w_clip`` (default on): choose each group's
     range by clip search (shrink up to 20% to minimize the group's error) instead of min/max.
+    ``sym=False``: asymmetric grids (per-group zero points; still a standard GPTQ checkpoint).
+    GPTQ only: ``static_groups`` (group grids from the weight before GPTQ's updates, sorted
+    ``g_idx``), ``gptaq`` (GPTAQ/GPTQv2: target the fp model's layer outputs, ``gptaq_alpha``
+    scaling its update), ``percdamp`` (Hessian dampening, fraction of its mean diagonal).
     Returns the output directory.
     """
     from hadacore.convert.checkpoint import DEFAULT_MAX_SHARD_BYTES, check_output_dir, save_checkpoint
     from hadacore.convert.source import load_source
 
     opts = ConvertOptions(bits=bits, group_size=group_size, method=method, act_order=act_order, rotate=rotate,
-                          tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, w_clip=w_clip)
+                          tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, w_clip=w_clip, sym=sym,
+                          static_groups=static_groups, gptaq=gptaq, gptaq_alpha=gptaq_alpha, percdamp=percdamp)
     check_output_dir(out_dir, force)  # fail before the slow part, and again when writing
     src = load_source(model_or_path, tokenizer=tokenizer,
                       check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
     ids = _calibration_ids(calibration, src.tokenizer, opts) if method == "gptq" else None
     log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
     qm = quantize_model(src.model, opts, ids)
-    return save_checkpoint(qm.model, output_config(qm, src.description), out_dir, tokenizer=src.tokenizer,
+    config = output_config(qm, src.description, _describe_calibration(calibration) if method == "gptq" else None)
+    return save_checkpoint(qm.model, config, out_dir, tokenizer=src.tokenizer,
                            force=force, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-__all__ = ["calibration_text", "eval_text", "calibration_tokens", "eval_windows", "tokenize_text"]
+__all__ = ["calibration_text", "eval_text", "wiki_calibration_text", "CALIBRATION_SOURCES", "calibration_tokens", "eval_windows", "tokenize_text"]
 
 _CALIBRATION_FILE = "lee_background.cor"
 _EVAL_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -36,6 +36,14 @@ def calibration_text() -> str:
         return f.read()
 
 
+def _clean_wiki(text: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(text)
+    text = re.sub(r"'{2,}", "", text)  # bold/italic quotes filter_wiki leaves
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
 @functools.lru_cache(maxsize=4)
 def eval_text(articles: int = 8, min_chars: int = 5000) -> str:
     """The first ``articles`` Wikipedia articles of at least ``min_chars`` characters, markup stripped."""
@@ -52,6 +60,35 @@ def eval_text(articles: int = 8, min_chars: int = 5000) -> str:
             if len(out) == articles:
                 break
     return "\n\n".join(out)
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_calibration_text(min_chars: int = 2000) -> str:
+    """Wikipedia articles of the evaluation file that come *after* every article of
+    :func:`eval_text` (default arguments): same distribution, disjoint text."""
+    from gensim.corpora.wikicorpus import extract_pages
+
+    held_out = set(eval_text().split("\n\n"))  # paragraphs
+    eval_left = 8  # eval_text()'s articles still ahead in the file
+    out = []
+    with bz2.open(_datapath(_EVAL_FILE), "rb") as f:
+        for _title, text, _pid in extract_pages(f, filter_namespaces=("0",)):
+            text = _clean_wiki(text)
+            if eval_left:
+                eval_left -= len(text) >= 5000
+                continue
+            if len(text) >= min_chars:
+                out.append(text)
+    if not out:
+        raise ValueError("the Wikipedia file has no articles after the evaluation ones")
+    joined = "\n\n".join(out)
+    if any(p in joined for p in held_out if len(p) > 200):
+        raise RuntimeError("Wikipedia calibration text overlaps the evaluation text")
+    return joined
+
+
+#: ``calibration_tokens(source=...)``: the packaged calibration texts by name.
+CALIBRATION_SOURCES = {"lee": calibration_text, "wiki": wiki_calibration_text}
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:

@@ -18,6 +18,20 @@ up-to-date columns, so the blocked algorithm equals the column-by-column one exa
 (they coincide with the reference whenever groups start on block boundaries, e.g.
 group 128 with block 128).
 
+Two options of the later literature:
+
+- ``static_groups`` (AutoGPTQ): every group's grid is computed up front from the weight
+  as given, before any update; columns keep their natural groups whatever the
+  quantization order, so ``g_idx`` stays ``k // group_size`` even with act-order.
+- GPTAQ (GPTQv2, Li et al., ICML 2025, "asymmetric calibration"): the layer's inputs in
+  the partly quantized model, ``X~``, differ from the fp model's ``X``; GPTAQ targets the
+  fp output ``W X`` instead of ``W X~``. With ``dXXT = 2/n (X - X~)^T X~`` and
+  ``H^-1 = U^T U`` it adds ``w_j P[j, j:]`` to each column's update, where
+  ``P = alpha * triu(dXXT U^T, 1) U`` (the reference's ``alpha = 0.25``). The reference's
+  lazy block update multiplies P by the block's *quantized* columns while its in-block
+  update uses the unquantized ones; here both use the value each column had when it was
+  quantized, so the blocked algorithm equals the column-by-column one here too.
+
 The quantization grid is the RTN one (:func:`hadacore.quant.rtn.quant_grid`, optionally
 with its clip search); scales
 are rounded to the storage dtype before use so the error feedback sees the values a
@@ -38,24 +52,39 @@ class HessianAccumulator:
     """Running ``H = 2/n * sum_i x_i x_i^T`` over calibration rows, as the reference keeps it.
 
     ``add(x)`` takes any ``[..., K]`` batch; every row along the leading dims is a sample.
+    With ``asymmetric=True``, ``add(x, x_fp)`` also takes the same rows as the fp model
+    computes them and keeps GPTAQ's ``dXXT = 2/n * sum_i (x_fp_i - x_i) x_i^T``.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, *, asymmetric: bool = False):
         self.in_features = in_features
         self.nsamples = 0
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.dXXT = torch.zeros_like(self.H) if asymmetric else None
 
-    def add(self, x: torch.Tensor) -> None:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[-1]}")
-        x = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        return x.detach().reshape(-1, self.in_features).to(torch.float32)
+
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        if (x_fp is None) != (self.dXXT is None):
+            raise ValueError("pass x_fp exactly when the accumulator is asymmetric")
+        x = self._rows(x)
         n = x.shape[0]
         if n == 0:
             return
         total = self.nsamples + n
+        c = (2.0 / total) ** 0.5
         self.H *= self.nsamples / total
-        x = x * (2.0 / total) ** 0.5
+        x = x * c
         self.H.addmm_(x.t(), x)
+        if self.dXXT is not None:
+            x_fp = self._rows(x_fp)
+            if x_fp.shape != x.shape:
+                raise ValueError(f"x_fp must match x: {tuple(x_fp.shape)} vs {tuple(x.shape)}")
+            self.dXXT *= self.nsamples / total
+            self.dXXT.addmm_((x_fp * c - x).t(), x)
         self.nsamples = total
 
 
@@ -90,6 +119,9 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float16,
     compute_dtype: torch.dtype = torch.float32,
     clip: bool = False,
+    static_groups: bool = False,
+    dXXT: torch.Tensor | None = None,
+    alpha: float = 0.25,
 ) -> dict[str, torch.Tensor]:
     """Quantize ``weight [N, K]`` with GPTQ given the Hessian ``H [K, K]`` of its inputs.
 
@@ -101,7 +133,10 @@ def gptq_quantize(
     ``compute_dtype`` (fp32, or fp64 for reference checks) is the precision of W, H and
     the updates. ``clip``: each group's grid comes from the clip search of
     :func:`hadacore.quant.rtn.quant_grid` (the reference's ``mse=True``), run on the
-    group's up-to-date columns at its boundary. Returns GPTQ v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``); dequantizing them gives exactly
+    group's up-to-date columns at its boundary. ``static_groups``: group grids from the
+    weight before any update, natural ``g_idx``. ``dXXT`` (``[K, K]``, from
+    :class:`HessianAccumulator` with ``asymmetric=True``): GPTAQ's asymmetric update,
+    scaled by ``alpha``. Returns GPTQ v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``); dequantizing them gives exactly
     the matrix GPTQ's error feedback was computed against.
     """
     if weight.dim() != 2:
@@ -114,6 +149,8 @@ def gptq_quantize(
         raise ValueError(f"group_size {group_size} does not divide the input size {k}")
     if not 0 <= percdamp < 1:
         raise ValueError(f"percdamp must lie in [0, 1), got {percdamp}")
+    if dXXT is not None and dXXT.shape != (k, k):
+        raise ValueError(f"dXXT must be [K, K] = [{k}, {k}], got {tuple(dXXT.shape)}")
     maxq = (1 << bits) - 1
 
     W = weight.detach().to(compute_dtype).clone()
@@ -133,6 +170,12 @@ def gptq_quantize(
     perm = perm.to(device=W.device, dtype=torch.long)
     if perm.shape != (k,) or not torch.equal(torch.sort(perm).values, torch.arange(k, device=W.device)):
         raise ValueError(f"perm must be a permutation of range({k})")
+    groups = k // gs
+    static = None
+    if static_groups and group_size != -1:
+        # Every group's grid from its own columns of the weight as given, before any update
+        # (AutoGPTQ's static_groups); a column keeps its natural group whatever the order.
+        static = [grid(W[:, g * gs : (g + 1) * gs]) for g in range(groups)]
     W = W[:, perm]
     H = H[perm][:, perm]
 
@@ -146,9 +189,17 @@ def gptq_quantize(
             f"GPTQ: the damped Hessian is not positive definite ({e}); raise percdamp "
             f"(now {percdamp}) or use more calibration samples"
         ) from None
+    P = None
+    if dXXT is not None:
+        # GPTAQ: the extra update that pulls the layer toward the fp model's output.
+        D = dXXT.detach().to(device=W.device, dtype=compute_dtype).clone()
+        D[:, dead] = 0.0
+        D = D[perm][:, perm]
+        P = alpha * torch.triu(D @ Hinv.T, diagonal=1) @ Hinv
+        if group_size != -1 and blocksize % gs:
+            blocksize = gs * -(-blocksize // gs)  # whole groups per block: the lookahead below omits P
 
     Q = torch.zeros_like(W, dtype=torch.int32)
-    groups = k // gs
     scales = torch.zeros(groups, n, dtype=compute_dtype, device=W.device)
     zeros = torch.zeros(groups, n, dtype=torch.int32, device=W.device)
     if group_size == -1:
@@ -158,10 +209,15 @@ def gptq_quantize(
         i2 = min(i1 + blocksize, k)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        Wq1 = torch.zeros_like(W1) if P is not None else None  # each column's value when quantized
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size != -1 and col % gs == 0:
+            if static is not None:
+                g = int(perm[col]) // gs
+                scale, zero = static[g]
+                scales[g], zeros[g] = scale, zero.to(torch.int32)
+            elif group_size != -1 and col % gs == 0:
                 # Up-to-date columns of the new group: in-block ones from W1; the rest
                 # still owe this block's pending (lazy) update.
                 end = col + gs
@@ -176,12 +232,23 @@ def gptq_quantize(
             q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
             Q[:, col] = q.to(torch.int32)
             err = (w - scale * (q - zero)) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            update = err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            if P is not None:
+                Wq1[:, i] = w
+                update -= w.unsqueeze(1) * P[col, col:i2].unsqueeze(0)
+            W1[:, i:] -= update
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += Wq1 @ P[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
-    g_idx = (torch.arange(k, device=W.device) // gs)[invperm] if group_size != -1 else torch.zeros(k, dtype=torch.long, device=W.device)
+    if group_size == -1:
+        g_idx = torch.zeros(k, dtype=torch.long, device=W.device)
+    elif static is not None:
+        g_idx = torch.arange(k, device=W.device) // gs
+    else:
+        g_idx = (torch.arange(k, device=W.device) // gs)[invperm]
     return pack_gptq(Q[:, invperm], scales.to(scale_dtype), zeros, g_idx.to(torch.int32), bits)
 
 
