@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import hadacore
-from hadacore.lowering.w4a16 import DEFAULT_INT4_MAX_M, prepare_w4a16_cpu
+from hadacore.lowering.w4a16 import DEFAULT_INT4_MAX_M, SHORT_K_INT4_MAX_M, prepare_w4a16_cpu
 from hadacore.quant.format import dequantize_gptq, pack_gptq
 
 CPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (7168, 8192)]  # (N, K); 7168 = 28672 / 4
@@ -112,7 +112,7 @@ def cpu_table(shapes, ms, with_generic: bool, cold: bool, reps: int) -> None:
     timer = CpuTimer(cold)
     bw = timer.read_bandwidth()
     print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s "
-          f"(sum over 768 MiB); {'cold' if cold else 'hot'} weights; int4_max_m = {DEFAULT_INT4_MAX_M}; "
+          f"(sum over 768 MiB); {'cold' if cold else 'hot'} weights; int4_max_m = {SHORT_K_INT4_MAX_M} for K < 2048, else {DEFAULT_INT4_MAX_M}; "
           f"group {GROUP}, symmetric; ms = min of {reps} round-robin runs")
     head = f"{'N':>6} {'K':>6} {'M':>4} | {'hadacore':>9} {'int4':>9} {'bf16 lin':>9} {'fp32 lin':>9} {'deq+lin':>9} {'floor':>7} | {'floor/hc':>8} {'hc/best':>7}"
     print(head)

@@ -92,9 +92,9 @@ def test_quantlinear_pattern_rewritten_to_w4a16(online):
 # (x's leading shape, dynamic) -> the lowering's choice and the graph constants it keeps
 _CPU_PATHS = {
     # act-order perms fold into the neighbours here, so "perm" is allowed but not required
-    "int4": (((1, 3), False), "cpu:int4 (M <= 6 known at compile time)", ("packed", "zeros", "perm")),
-    "bf16": (((2, 5), False), "cpu:bf16 BLAS (M > 6 known at compile time)", ("weight",)),
-    "dispatch": (((2, 5), True), "cpu:prepared int4+bf16, dispatch on M per call", ("packed", "zeros", "weight", "perm")),
+    "int4": (((1, 3), False), "cpu:int4 (M <= 12 known at compile time)", ("packed", "zeros", "perm")),
+    "bf16": (((3, 5), False), "cpu:bf16 BLAS (M > 12 known at compile time)", ("weight",)),
+    "dispatch": (((3, 5), True), "cpu:prepared int4+bf16, dispatch on M per call", ("packed", "zeros", "weight", "perm")),
 }
 
 
@@ -117,7 +117,7 @@ def test_cpu_lowering_prepares_weights_once(path):
     assert kinds - {"perm"} == set(kept) - {"perm"} and kinds <= set(kept), buffers
     assert rel_err(gm(*inputs)[0], expect) < 1e-2  # bf16 activations: the W4A16 CPU contract
     if dynamic:  # the same graph serves sizes on both sides of the threshold
-        for other in ((1, 1), (3, 7)):
+        for other in ((1, 1), (4, 7)):
             xo = torch.randn(*other, 64)
             size = dict(zip(lead, other))  # Dynamo passes x's symbolic sizes as int inputs
             args = [xo if t is x else size[t] if isinstance(t, int) else t for t in inputs]
@@ -131,6 +131,6 @@ def test_compile_time_quantization_half_precision_model(dtype):
     expect = quantize_modules(model, 32)(x)  # QuantLinear with scales in the model dtype
     gm, inputs = capture(model, x)
     apply_passes(gm, inputs, lowering=True, quantize="w4a16", group_size=32)
-    assert count(gm, bf16_linear) == 2  # M = 10 > 6: the dense path, known at compile time
+    assert count(gm, int4_linear) == 2  # M = 10 <= 12 (K = 64): the int4 path, known at compile time
     got = gm(*inputs)[0]
     assert got.dtype == dtype and rel_err(got, expect) < 1e-2

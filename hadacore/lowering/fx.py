@@ -17,8 +17,8 @@ The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged.
   without guards. W4A16 means 16-bit activations: on this path activations are computed
   in bf16 whatever the model dtype, so results match the fp32 reference to bf16
   tolerance (~1e-2), not fp32's. Like compile-time quantization it snapshots the weights.
-- CPU Hadamard: when x provably fits one row block of the native transform (decode-sized
-  inputs), ``hadacore::hadamard`` becomes
+- CPU Hadamard: when x is provably small (decode-sized; ``use_matmul_form``),
+  ``hadacore::hadamard`` becomes
   :func:`~hadacore.lowering.hadamard.hadamard_by_matmuls`: the same factor matrices as
   graph constants and a few matmuls that Inductor compiles (no Python op dispatch per
   call, which costs more than the transform itself at decode sizes). Larger inputs keep
@@ -41,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hadacore.fxpasses.cleanup import drop_unused_constants, eliminate_dead_code
 from hadacore.fxpasses.context import PassContext, example_value, is_call
-from hadacore.lowering.hadamard import fits_one_block, hadamard_by_matmuls, matmul_plan
+from hadacore.lowering.hadamard import hadamard_by_matmuls, matmul_plan, use_matmul_form
 from hadacore.lowering.w4a16 import PreparedW4A16, bf16_linear, int4_linear, prepare_w4a16_cpu
 
 __all__ = ["lower", "known_multiple"]
@@ -140,8 +140,8 @@ def _lower_hadamard(ctx: PassContext, node: fx.Node) -> str:
     if x is None or x.device.type != "cpu":
         return "op" if x is None else f"{x.device.type}:op"
     n = x.shape[-1]
-    if not isinstance(n, int) or n < 2 or not statically_known_true(fits_one_block(_rows(x), n)):
-        return "cpu:op (rows not known to fit one block)"
+    if not isinstance(n, int) or n < 2 or not statically_known_true(use_matmul_form(_rows(x), n)):
+        return "cpu:op (x not known to be small)"
     args = list(node.args) + [None] * (4 - len(node.args))
     scale = node.kwargs.get("scale", args[1] if args[1] is not None else 1.0)
     signs, perm = node.kwargs.get("signs", args[2]), node.kwargs.get("perm", args[3])

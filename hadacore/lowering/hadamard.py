@@ -52,7 +52,7 @@ from torch import Tensor
 
 from hadacore.hadamard import hadamard_base, hadamard_factors, hadamard_matrix, sylvester
 
-__all__ = ["hadamard_native", "factor_plan", "fits_one_block", "matmul_plan", "hadamard_by_matmuls"]
+__all__ = ["hadamard_native", "factor_plan", "use_matmul_form", "matmul_plan", "hadamard_by_matmuls", "MATMUL_FORM_MAX_ELEMS"]
 
 #: A power-of-two part up to this size is one dense matmul.
 _MAX_SINGLE_FACTOR = 64
@@ -214,10 +214,17 @@ def hadamard_native(
 # --------------------------------------------------------------------------- traceable form
 
 
-def fits_one_block(rows, n: int) -> bool:
-    """Whether ``rows`` rows of size ``n`` are one row block of :func:`hadamard_native`
+#: Up to this many elements the compiler emits :func:`hadamard_by_matmuls` (4 MiB in fp32:
+#: its full-size intermediates still live in L2/L3, and the op's ~50-90 us Python dispatch
+#: is a visible share of the transform); above it the op's blocked path, which keeps its
+#: work buffers in L2, is worth the dispatch.
+MATMUL_FORM_MAX_ELEMS = 1 << 20
+
+
+def use_matmul_form(rows, n: int) -> bool:
+    """Whether the compiler emits the matmul form for ``rows`` rows of size ``n``
     (``rows`` may be symbolic; the caller proves it without guards)."""
-    return rows * n <= _BLOCK_ELEMS
+    return rows * n <= MATMUL_FORM_MAX_ELEMS
 
 
 def matmul_plan(
@@ -240,13 +247,14 @@ def matmul_plan(
 def hadamard_by_matmuls(
     x: Tensor, signs: Optional[Tensor], perm: Optional[Tensor], matrices: list[Tensor], afters: list[int]
 ) -> Tensor:
-    """:func:`hadamard_native` for inputs that fit one row block, as plain functional aten ops.
+    """:func:`hadamard_native` as plain functional aten ops, without row blocking.
 
     The compiler emits this function in place of the op when x is known to be small (a
-    decode step): AOTAutograd traces it into a few matmuls with constant matrices from
-    :func:`matmul_plan`, which Inductor fuses with the neighbouring casts and runs without
-    a Python op dispatch. Same matrices, same order, one rounding at the end: the same
-    result as the op's single-block path. Signs of +-1 are exact in any precision.
+    decode step; :func:`use_matmul_form`): AOTAutograd traces it into a few matmuls with
+    constant matrices from :func:`matmul_plan`, which Inductor fuses with the neighbouring
+    casts and runs without a Python op dispatch. Same matrices, same order, one rounding
+    at the end: bit for bit the op's result when x is one of its row blocks (tested), and
+    the same up to BLAS's summation order otherwise. Signs of +-1 are exact in any precision.
     """
     n = x.shape[-1]
     acc = matrices[0].dtype

@@ -33,11 +33,24 @@ Two entry points:
 
   11008 x 4096, 1 thread, hot int4/blas: M=6 17.8/19.3, M=8 24.9/22.6; cold: M=6
   12.8/12.9, M=8 17.1/13.1. The int4 kernel is compute-bound and grows ~linearly in M;
-  BLAS stays near its bf16-weight read time up to M ~ 16, so the crossover is M ~ 4-8
-  whatever the shape (4 with cache-resident weights, 6-8 with weights from DRAM, as in a
-  model larger than the cache): ``DEFAULT_INT4_MAX_M = 6``. The machine was shared
-  (load 7-15 on 2 cores) while most of these were taken: single cells are noisy, the
-  crossover is not.
+  BLAS stays near its bf16-weight read time up to M ~ 16. Where they cross depends on
+  K: BLAS's bf16 GEMM has a fixed cost per call that dominates short rows. Cold weights
+  (64 MiB evicted before each call), 1 thread, int4 time / bf16 time, 2026-11-22:
+
+  =============  =====  =====  =====  =====  =====
+  N x K          M=4    6      8      12     16
+  =============  =====  =====  =====  =====  =====
+  576 x 576      0.42   0.58   0.56   0.62   0.71
+  3072 x 576     0.38   0.58   0.54   0.90   0.87
+  49152 x 576    0.44   0.57   0.67   0.97   1.24
+  576 x 1536     0.48   0.62   0.75   0.89   1.04
+  12288 x 4096   0.57   0.89   1.00   1.45   1.85
+  4096 x 11008   0.57   0.91   1.06   1.53   1.95
+  =============  =====  =====  =====  =====  =====
+
+  hence :func:`default_int4_max_m`: 12 for K < 2048 (SmolLM2-sized layers), else 6
+  (7B-sized layers, where M=8 is a tie and 12 already 1.5x slower). End to end on
+  SmolLM2-135M at batch 8 this took a decode step from 52 to 41 ms.
 
   Full table (``benchmarks/w4a16.py --threads 1``, cold weights, 4 shapes x M in
   {1, 4, 16, 64, 256}): hadacore over the best alternative (bf16/fp32 ``F.linear``,
@@ -70,6 +83,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_INT4_MAX_M",
+    "SHORT_K_INT4_MAX_M",
+    "default_int4_max_m",
     "INT4PACK_GROUP_SIZES",
     "PreparedW4A16",
     "check_prepared_args",
@@ -81,7 +96,8 @@ __all__ = [
     "bf16_linear",
 ]
 
-DEFAULT_INT4_MAX_M = 6  # largest M run by the int4 kernel when a dense weight is kept (table above)
+DEFAULT_INT4_MAX_M = 6  # largest M run by the int4 kernel when a dense weight is kept, K >= 2048 (table above)
+SHORT_K_INT4_MAX_M = 12  # the same for K < 2048, where bf16 BLAS's per-call cost dominates
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 _INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 _COMPUTE_DTYPE = torch.bfloat16
@@ -175,6 +191,11 @@ def int4pack_unsupported_reason(
     return None, perm, sub
 
 
+def default_int4_max_m(k: int) -> int:
+    """Largest M that runs the int4 kernel for input size ``k`` (module docstring table)."""
+    return SHORT_K_INT4_MAX_M if k < 2048 else DEFAULT_INT4_MAX_M
+
+
 def prepare_w4a16_cpu(
     qweight: Tensor,
     qzeros: Tensor,
@@ -186,10 +207,11 @@ def prepare_w4a16_cpu(
     bits: int = 4,
     checkpoint_format: str = "gptq",
     dense: Optional[bool] = None,
-    int4_max_m: int = DEFAULT_INT4_MAX_M,
+    int4_max_m: Optional[int] = None,
 ) -> PreparedW4A16:
     """Convert GPTQ tensors once for ``hadacore::w4a16_gemm_cpu`` (see module docstring).
 
+    ``int4_max_m``: the largest M for the int4 kernel (default :func:`default_int4_max_m`).
     ``dense``: keep a dequantized bf16 weight for M > ``int4_max_m`` (4 extra bytes per
     2 weights: 2.5 B/weight in all). ``None`` (default) keeps it, which is fastest at
     every M; ``False`` keeps only the int4 weight (0.5 B/weight) and runs the int4 kernel
@@ -233,7 +255,7 @@ def prepare_w4a16_cpu(
         int4_group_size=sub,
         in_features=k,
         out_features=n,
-        int4_max_m=int(int4_max_m),
+        int4_max_m=int(default_int4_max_m(k) if int4_max_m is None else int4_max_m),
     )
 
 
