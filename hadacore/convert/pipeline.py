@@ -76,7 +76,9 @@ class ConvertOptions:
     static_groups: bool = False
     # GPTAQ (GPTQv2, Li et al. 2025): match each layer's output to the fp model's, not to its own
     # fp output on the quantized inputs; ``gptaq_alpha`` scales the extra update as the reference.
-    # SmolLM2: 24.68 -> 24.24 at alpha 0.25 (24.82 at alpha 1), ~1.4x the GPTQ time.
+    # SmolLM2: 24.68 -> 24.24 at alpha 0.25 (24.82 at alpha 1), ~1.4x the GPTQ time. Off by
+    # default: it also keeps the fp model's inputs of q/o/gate/down for one layer in memory
+    # (about 3 hidden-size + 1 intermediate-size activations per calibration token).
     gptaq: bool = False
     gptaq_alpha: float = 0.25
 
