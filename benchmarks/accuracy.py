@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"SmolLM2-135M-Instruct, perplexity on {windows.shape[0]} x {windows.shape[1]} held-out Wikipedia tokens; "
           f"GPTQ calibration {a.samples} x 512 tokens; {a.threads} thread(s)")
-    print(f"| {'setting':<58} | {'perplexity':>10} | {'vs fp32':>8} | {'time s':>6} |")
-    print(f"|{'-' * 60}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'setting':<66} | {'perplexity':>10} | {'vs fp32':>8} | {'time s':>6} |")
+    print(f"|{'-' * 68}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
     base = None
 
     def row(name: str, make_model) -> None:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         ppl = perplexity(model, windows)
         dt = time.perf_counter() - t0
         base = ppl if base is None else base
-        print(f"| {name:<58} | {ppl:>10.4f} | {100 * (ppl / base - 1):>+7.1f}% | {dt:>6.0f} |", flush=True)
+        print(f"| {name:<66} | {ppl:>10.4f} | {100 * (ppl / base - 1):>+7.1f}% | {dt:>6.0f} |", flush=True)
 
     def quantized(method: str, group: int, rotate: str, calibration_source: str = "lee", **extra):
         opts = ConvertOptions(method=method, group_size=group, rotate=rotate, samples=a.samples, seqlen=512,
