@@ -50,7 +50,11 @@ class StaticDecoder:
             out = model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True)
             return out.logits[:, -1]
 
-        self._step = torch.compile(step, backend=backend, options=options, fullgraph=False) if backend else step
+        # dynamic=False: batch and cache length are fixed per decoder, so each decoder gets a graph
+        # specialised to its shapes. Otherwise Dynamo's automatic-dynamic would mark the batch
+        # dynamic as soon as a second decoder (another batch size) compiled the same step code.
+        self._step = (torch.compile(step, backend=backend, options=options, fullgraph=False, dynamic=False)
+                      if backend else step)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
