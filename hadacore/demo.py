@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_row("one-off costs", "seconds", ""))
     print(_row("-" * 44, *["-" * 14] * 2))
-    print(_row(f"convert ({a.method}, group {a.group_size}, asym, act-order, rotate full)", f"{convert_s:.1f}", ""))
+    print(_row(f"convert: {a.method} g{a.group_size} asym act-order rotate=full", f"{convert_s:.1f}", ""))
     print(_row("compile decode step: Inductor fp32", f"{decoders['Inductor fp32'].compile_s:.1f}", ""))
     print(_row("compile decode step: hadacore", f"{decoders['hadacore W4A16'].compile_s:.1f}", ""))
     print(f"\n(checkpoint: {out}; {torch.get_num_threads()} CPU threads; greedy decoding of {a.new_tokens} tokens)")
