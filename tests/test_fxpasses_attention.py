@@ -47,6 +47,10 @@ def test_rotations_are_exact_fp32(sdpa):
     assert count(gm, HADAMARD) - before == 3  # R4 before down_proj, R3 on Q and on K
     s = hadacore.stats()
     assert s["hadamard_inserted"] == 3 and s["attention_rewritten"] == 1
+    # R3 on K runs on the 2 KV heads, before the GQA repeat to 4 heads; Q has 4 heads
+    heads = sorted(n.args[0].meta["example_value"].shape[1] for n in gm.graph.nodes
+                   if n.op == "call_function" and n.target == HADAMARD.default and n.args[0].meta["example_value"].dim() == 4)
+    assert heads == [block.kv_heads, block.heads]
     got = gm(*inputs)[0]
     assert rel_err(got, expect) < 1e-4
     # the rotated down_proj weight really differs from the original (a no-op would pass too)
