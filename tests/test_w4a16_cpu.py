@@ -110,6 +110,19 @@ def test_int4_asymmetric_error_is_bf16_sized():
     assert err < 5e-3, err  # measured ~2.5e-3: x, scale, zero and output roundings to bf16
 
 
+def test_dense_only_preparation():
+    """int4=False (the compiler's choice when every M is known to be large): no repack, only
+    the bf16 weight, and the same results; with dense=False too nothing would be left."""
+    t = _gptq(48, 128, 32, False, True, 9)
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+    p = prepare_w4a16_cpu(*args, 32, dense=None, int4=False)
+    assert p.packed is None and p.scales_and_zeros is None and p.perm is None and p.weight is not None
+    x = torch.randn(20, 128).bfloat16()
+    assert _rel(p(x), _ref(x, t, 32, None)) < BF16_TOL
+    with pytest.raises(ValueError, match="leaves no weight"):
+        prepare_w4a16_cpu(*args, 32, dense=False, int4=False)
+
+
 REAL = [(4096, 4096), pytest.param(11008, 4096, marks=pytest.mark.slow), pytest.param(4096, 11008, marks=pytest.mark.slow)]
 
 

@@ -42,7 +42,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hadacore.fxpasses.cleanup import drop_unused_constants, eliminate_dead_code
 from hadacore.fxpasses.context import PassContext, example_value, is_call
 from hadacore.lowering.hadamard import hadamard_by_matmuls, matmul_plan, use_matmul_form
-from hadacore.lowering.w4a16 import PreparedW4A16, bf16_linear, int4_linear, prepare_w4a16_cpu
+from hadacore.lowering.w4a16 import bf16_linear, default_int4_max_m, int4_linear, prepare_w4a16_cpu
 
 __all__ = ["lower", "known_multiple"]
 
@@ -75,23 +75,29 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
     gi = ctx.constant(g_idx) if g_idx is not None else None
     if any(t is None for t in tensors) or (g_idx is not None and gi is None):
         return "cpu:native (weights are not constants)"
-    prepared = prepare_w4a16_cpu(*tensors, gi, group_size)
-    path = _cpu_path(prepared, _rows(x))
-    keep = {"int4": ("packed", "scales_and_zeros", "perm"), "bf16": ("weight",)}.get(path, _PREPARED)
+    # Which side of the int4/bf16 threshold M lies on, if that is provable for every size:
+    # then only that path's tensors are prepared and the node becomes its plain aten code.
+    m, limit = _rows(x), default_int4_max_m(tensors[0].shape[0] * 8)  # 4-bit: 8 weights per int32 of K
+    small = m is not None and statically_known_true(m <= limit)
+    large = m is not None and statically_known_true(m > limit)
+    prepared = prepare_w4a16_cpu(*tensors, gi, group_size, dense=False if small else None, int4=not large)
     args = {
-        name: ctx.add_constant(f"{node.name}.{name}", t, node) if t is not None and name in keep else None
-        for name, t in zip(_PREPARED, prepared.op_args()[:4])
+        name: None if t is None else ctx.add_constant(f"{node.name}.{name}", t, node)
+        for name, t in zip(("packed", "scales_and_zeros", "weight", "perm"), prepared.op_args()[:4])
     }
     bias = node.args[5]
     with ctx.graph.inserting_before(node):
-        if path == "int4":
+        if prepared.weight is None:
+            choice = f"cpu:int4 (M <= {limit} known at compile time)"
             new = ctx.graph.call_function(int4_linear, (
                 node.args[0], args["packed"], args["scales_and_zeros"], args["perm"], bias,
                 prepared.int4_group_size, prepared.out_features,
             ))
-        elif path == "bf16":
+        elif prepared.packed is None:
+            choice = "cpu:bf16 BLAS" + (f" (M > {limit} known at compile time)" if large else "")
             new = ctx.graph.call_function(bf16_linear, (node.args[0], args["weight"], bias))
         else:
+            choice = "cpu:prepared int4+bf16, dispatch on M per call"
             new = ctx.graph.call_function(torch.ops.hadacore.w4a16_gemm_cpu.default, (
                 node.args[0], *args.values(), bias, prepared.int4_group_size, prepared.out_features,
                 prepared.int4_max_m,
@@ -99,15 +105,8 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.graph.erase_node(node)
-    choice = {
-        "int4": "cpu:int4 (M <= %d known at compile time)" % prepared.int4_max_m,
-        "bf16": "cpu:bf16 BLAS" + (" (M > %d known at compile time)" % prepared.int4_max_m if prepared.packed is not None else ""),
-    }.get(path, "cpu:prepared int4+bf16, dispatch on M per call")
     new.meta["hadacore_lowering"] = choice
     return choice
-
-
-_PREPARED = ("packed", "scales_and_zeros", "weight", "perm")
 
 
 def _rows(x: Any) -> Any:
@@ -118,21 +117,6 @@ def _rows(x: Any) -> Any:
     for d in x.shape[:-1]:
         m = m * d
     return m
-
-
-def _cpu_path(prepared: PreparedW4A16, m: Any) -> str:
-    """``"int4"``/``"bf16"`` when M provably picks one path for every size (no guard is added),
-    else ``"dispatch"``: the op ``hadacore::w4a16_gemm_cpu`` chooses per call."""
-    if prepared.packed is None:
-        return "bf16"
-    if prepared.weight is None:
-        return "int4"
-    if m is not None:  # the op's own rule: int4 for M <= int4_max_m
-        if statically_known_true(m <= prepared.int4_max_m):
-            return "int4"
-        if statically_known_true(m > prepared.int4_max_m):
-            return "bf16"
-    return "dispatch"
 
 
 def _lower_hadamard(ctx: PassContext, node: fx.Node) -> str:

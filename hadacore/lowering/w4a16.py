@@ -207,6 +207,7 @@ def prepare_w4a16_cpu(
     bits: int = 4,
     checkpoint_format: str = "gptq",
     dense: Optional[bool] = None,
+    int4: bool = True,
     int4_max_m: Optional[int] = None,
 ) -> PreparedW4A16:
     """Convert GPTQ tensors once for ``hadacore::w4a16_gemm_cpu`` (see module docstring).
@@ -217,16 +218,20 @@ def prepare_w4a16_cpu(
     every M; ``False`` keeps only the int4 weight (0.5 B/weight) and runs the int4 kernel
     at every M (~3x slower than BLAS from M=64). Where the int4 kernel cannot take the
     weight (not 4-bit, groups not a multiple of 32, uneven act-order groups) only the
-    dense weight is kept, whatever ``dense`` says, and a log line says why.
+    dense weight is kept, whatever ``dense`` says, and a log line says why. ``int4=False``
+    skips the int4 repack and keeps only the dense weight (for callers that know every
+    M will exceed ``int4_max_m``).
     """
+    if not int4 and dense is False:
+        raise ValueError("prepare_w4a16_cpu: int4=False with dense=False leaves no weight")
     n, k, _ = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
     if qweight.device.type != "cpu":
         raise ValueError(f"prepare_w4a16_cpu needs CPU tensors, got {qweight.device}")
     if bias is not None and (bias.shape != (n,) or not bias.dtype.is_floating_point):
         raise ValueError(f"bias must be a floating-point [N={n}] tensor, got {bias.dtype} {tuple(bias.shape)}")
-    why, perm, sub = int4pack_unsupported_reason(n, k, group_size, g_idx, bits)
+    why, perm, sub = int4pack_unsupported_reason(n, k, group_size, g_idx, bits) if int4 else (None, None, 0)
     packed = sz = None
-    if why is None:
+    if int4 and why is None:
         q, s, z, _ = unpack_gptq({"qweight": qweight, "qzeros": qzeros, "scales": scales}, bits, checkpoint_format=checkpoint_format)
         s32, z32 = s.float(), z.float()
         zero_f = (8.0 - z32) * s32  # w = (q - z) * s = (q - 8) * s + (8 - z) * s
@@ -241,7 +246,7 @@ def prepare_w4a16_cpu(
             sz = torch.cat([sz, sz.new_zeros(sz.shape[0], n16 - n, 2)], dim=1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8)
         sz = sz.to(_COMPUTE_DTYPE).contiguous()
-    else:
+    elif why is not None:
         log.info("hadacore: W4A16 [%d x %d] on CPU without the int4 kernel: %s; using bf16 BLAS", n, k, why)
     weight = None
     if packed is None or dense is None or dense:
