@@ -114,14 +114,17 @@ def _is_bf16_exact(v: float) -> bool:
     return struct.unpack("<f", struct.pack("<I", bits))[0] == v and bits & 0xFFFF == 0
 
 
+def _dense_lowp_fits(dtype: torch.dtype, n: int, device: torch.device, scale: float) -> bool:
+    """The metadata half of :func:`_dense_lowp_ok`: bf16 on CPU, small n, scale exact in bf16."""
+    return dtype == torch.bfloat16 and n <= _DENSE_BF16_MAX_N and device.type == "cpu" and _is_bf16_exact(scale)
+
+
 def _dense_lowp_ok(x: Tensor, scale: float, signs: Optional[Tensor]) -> bool:
     """Whether ``x @ (scale * diag(signs) H_n)[:, perm]`` in bf16 is exact: the folded
     matrix must be representable (so scale must be, and signs +-1), and BLAS (oneDNN,
     AMX/AVX512-BF16) accumulates bf16 products in fp32 and rounds once; checked
     bit-for-bit against fp64 in tests/test_hadamard.py."""
-    if x.dtype != torch.bfloat16 or x.shape[-1] > _DENSE_BF16_MAX_N or x.device.type != "cpu":
-        return False
-    if not _is_bf16_exact(scale):
+    if not _dense_lowp_fits(x.dtype, x.shape[-1], x.device, scale):
         return False
     return signs is None or bool((signs.abs() == 1).all())
 
@@ -236,8 +239,7 @@ def matmul_plan(
     known when the plan is made), else the fp32/fp64 Kronecker factors."""
     if n < 2:
         raise ValueError(f"the matmul form needs n >= 2, got {n}")
-    dense = dtype == torch.bfloat16 and n <= _DENSE_BF16_MAX_N and device.type == "cpu" and not signed
-    if dense and _is_bf16_exact(scale):
+    if not signed and _dense_lowp_fits(dtype, n, device, scale):
         return [(_dense_matrix(n, dtype, device) * scale).contiguous()], [1]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     plan = _factor_matrices(n, float(scale), acc, device)
