@@ -36,29 +36,31 @@ def calibration_text() -> str:
         return f.read()
 
 
-def _clean_wiki(text: str) -> str:
-    from gensim.corpora.wikicorpus import filter_wiki
-
-    text = filter_wiki(text)
-    text = re.sub(r"'{2,}", "", text)  # bold/italic quotes filter_wiki leaves
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+# The evaluation text: the first _EVAL_ARTICLES Wikipedia articles of at least _EVAL_MIN_CHARS.
+_EVAL_ARTICLES = 8
+_EVAL_MIN_CHARS = 5000
 
 
-@functools.lru_cache(maxsize=4)
-def eval_text(articles: int = 8, min_chars: int = 5000) -> str:
-    """The first ``articles`` Wikipedia articles of at least ``min_chars`` characters, markup stripped."""
+def _wiki_articles():
+    """The Wikipedia file's articles in order, markup stripped."""
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    out = []
     with bz2.open(_datapath(_EVAL_FILE), "rb") as f:
         for _title, text, _pid in extract_pages(f, filter_namespaces=("0",)):
             text = filter_wiki(text)
             text = re.sub(r"'{2,}", "", text)  # bold/italic quotes filter_wiki leaves
-            text = re.sub(r"\n{3,}", "\n\n", text).strip()
-            if len(text) >= min_chars:
-                out.append(text)
-            if len(out) == articles:
-                break
+            yield re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+@functools.lru_cache(maxsize=4)
+def eval_text(articles: int = _EVAL_ARTICLES, min_chars: int = _EVAL_MIN_CHARS) -> str:
+    """The first ``articles`` Wikipedia articles of at least ``min_chars`` characters, markup stripped."""
+    out = []
+    for text in _wiki_articles():
+        if len(text) >= min_chars:
+            out.append(text)
+        if len(out) == articles:
+            break
     return "\n\n".join(out)
 
 
@@ -66,19 +68,15 @@ def eval_text(articles: int = 8, min_chars: int = 5000) -> str:
 def wiki_calibration_text(min_chars: int = 2000) -> str:
     """Wikipedia articles of the evaluation file that come *after* every article of
     :func:`eval_text` (default arguments): same distribution, disjoint text."""
-    from gensim.corpora.wikicorpus import extract_pages
-
     held_out = set(eval_text().split("\n\n"))  # paragraphs
-    eval_left = 8  # eval_text()'s articles still ahead in the file
+    eval_left = _EVAL_ARTICLES  # eval_text()'s articles still ahead in the file
     out = []
-    with bz2.open(_datapath(_EVAL_FILE), "rb") as f:
-        for _title, text, _pid in extract_pages(f, filter_namespaces=("0",)):
-            text = _clean_wiki(text)
-            if eval_left:
-                eval_left -= len(text) >= 5000
-                continue
-            if len(text) >= min_chars:
-                out.append(text)
+    for text in _wiki_articles():
+        if eval_left:
+            eval_left -= len(text) >= _EVAL_MIN_CHARS
+            continue
+        if len(text) >= min_chars:
+            out.append(text)
     if not out:
         raise ValueError("the Wikipedia file has no articles after the evaluation ones")
     joined = "\n\n".join(out)
