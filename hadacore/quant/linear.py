@@ -8,7 +8,6 @@ Buffer names are those of GPTQ checkpoints, so state dicts load unchanged.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,11 +124,8 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.online_hadamard:
-            if self.hadamard_block in (None, self.in_features):  # the plain op the compiler fuses
-                x = torch.ops.hadacore.hadamard(x, 1.0 / math.sqrt(self.in_features))
-            else:
-                x = block_hadamard_transform(x, self.hadamard_block)
+        if self.online_hadamard:  # whole-K: one hadacore::hadamard call, the pattern the compiler fuses
+            x = block_hadamard_transform(x, self.hadamard_block or self.in_features)
         w = self.dequantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
