@@ -61,20 +61,30 @@ def known_multiple(size: Any, d: int) -> bool:
     return bool(sympy.Mod(size, d) == 0)
 
 
-def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
+def _replace(ctx: PassContext, node: fx.Node, fn: Any, args: tuple) -> fx.Node:
+    """``fn(*args)`` in place of ``node`` (same meta), which is erased."""
+    with ctx.graph.inserting_before(node):
+        new = ctx.graph.call_function(fn, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.graph.erase_node(node)
+    return new
+
+
+def _lower_w4a16(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, str]:
     x = example_value(node.args[0])
     device = x.device.type if x is not None else "cpu"
     k = x.shape[-1] if x is not None else None
     if device == "cuda":
         # The Triton SplitK kernel masks any M/N/K tail; the config is picked per call.
-        return "cuda:triton-w4a16" + ("" if k is None or not known_multiple(k, 64) else " (K%64==0)")
+        return node, "cuda:triton-w4a16" + ("" if k is None or not known_multiple(k, 64) else " (K%64==0)")
     if device != "cpu":
-        return f"{device}:native"
+        return node, f"{device}:native"
     _, qweight, qzeros, scales, g_idx, bias, group_size = node.args[:7]
     tensors = [ctx.constant(a) for a in (qweight, qzeros, scales)]
     gi = ctx.constant(g_idx) if g_idx is not None else None
     if any(t is None for t in tensors) or (g_idx is not None and gi is None):
-        return "cpu:native (weights are not constants)"
+        return node, "cpu:native (weights are not constants)"
     # Which side of the int4/bf16 threshold M lies on, if that is provable for every size:
     # then only that path's tensors are prepared and the node becomes its plain aten code.
     m, limit = _rows(x), default_int4_max_m(tensors[0].shape[0] * 8)  # 4-bit: 8 weights per int32 of K
@@ -85,28 +95,22 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> str:
         name: None if t is None else ctx.add_constant(f"{node.name}.{name}", t, node)
         for name, t in zip(("packed", "scales_and_zeros", "weight", "perm"), prepared.op_args()[:4])
     }
-    bias = node.args[5]
-    with ctx.graph.inserting_before(node):
-        if prepared.weight is None:
-            choice = f"cpu:int4 (M <= {limit} known at compile time)"
-            new = ctx.graph.call_function(int4_linear, (
-                node.args[0], args["packed"], args["scales_and_zeros"], args["perm"], bias,
-                prepared.int4_group_size, prepared.out_features,
-            ))
-        elif prepared.packed is None:
-            choice = "cpu:bf16 BLAS" + (f" (M > {limit} known at compile time)" if large else "")
-            new = ctx.graph.call_function(bf16_linear, (node.args[0], args["weight"], bias))
-        else:
-            choice = "cpu:prepared int4+bf16, dispatch on M per call"
-            new = ctx.graph.call_function(torch.ops.hadacore.w4a16_gemm_cpu.default, (
-                node.args[0], *args.values(), bias, prepared.int4_group_size, prepared.out_features,
-                prepared.int4_max_m,
-            ))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    ctx.graph.erase_node(node)
-    new.meta["hadacore_lowering"] = choice
-    return choice
+    x_node = node.args[0]
+    if prepared.weight is None:
+        choice = f"cpu:int4 (M <= {limit} known at compile time)"
+        new = _replace(ctx, node, int4_linear, (
+            x_node, args["packed"], args["scales_and_zeros"], args["perm"], bias,
+            prepared.int4_group_size, prepared.out_features,
+        ))
+    elif prepared.packed is None:
+        choice = "cpu:bf16 BLAS" + (f" (M > {limit} known at compile time)" if large else "")
+        new = _replace(ctx, node, bf16_linear, (x_node, args["weight"], bias))
+    else:
+        choice = "cpu:prepared int4+bf16, dispatch on M per call"
+        new = _replace(ctx, node, torch.ops.hadacore.w4a16_gemm_cpu.default, (
+            x_node, *args.values(), bias, prepared.int4_group_size, prepared.out_features, prepared.int4_max_m,
+        ))
+    return new, choice
 
 
 def _rows(x: Any) -> Any:
@@ -119,25 +123,20 @@ def _rows(x: Any) -> Any:
     return m
 
 
-def _lower_hadamard(ctx: PassContext, node: fx.Node) -> str:
+def _lower_hadamard(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, str]:
     x = example_value(node.args[0])
     if x is None or x.device.type != "cpu":
-        return "op" if x is None else f"{x.device.type}:op"
+        return node, "op" if x is None else f"{x.device.type}:op"
     n = x.shape[-1]
     if not isinstance(n, int) or n < 2 or not statically_known_true(use_matmul_form(_rows(x), n)):
-        return "cpu:op (x not known to be small)"
+        return node, "cpu:op (x not known to be small)"
     args = list(node.args) + [None] * (4 - len(node.args))
     scale = node.kwargs.get("scale", args[1] if args[1] is not None else 1.0)
     signs, perm = node.kwargs.get("signs", args[2]), node.kwargs.get("perm", args[3])
     matrices, afters = matmul_plan(n, float(scale), x.dtype, x.device, signed=signs is not None)
     mats = [ctx.add_constant(f"{node.name}.h{i}", h, node) for i, h in enumerate(matrices)]
-    with ctx.graph.inserting_before(node):
-        new = ctx.graph.call_function(hadamard_by_matmuls, (node.args[0], signs, perm, mats, afters))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    ctx.graph.erase_node(node)
-    new.meta["hadacore_lowering"] = choice = "cpu:matmuls " + "x".join(str(h.shape[0]) for h in matrices) + f" ({matrices[0].dtype})"
-    return choice
+    new = _replace(ctx, node, hadamard_by_matmuls, (node.args[0], signs, perm, mats, afters))
+    return new, "cpu:matmuls " + "x".join(str(h.shape[0]) for h in matrices) + f" ({matrices[0].dtype})"
 
 
 def lower(ctx: PassContext) -> fx.GraphModule:
@@ -146,8 +145,8 @@ def lower(ctx: PassContext) -> fx.GraphModule:
         lower_node = _lower_w4a16 if is_call(node, _W4A16) else _lower_hadamard if is_call(node, _HADAMARD) else None
         if lower_node is not None:
             name = node.name
-            choice = lower_node(ctx, node)
-            node.meta["hadacore_lowering"] = choice  # a replaced node's successor carries it too
+            carrier, choice = lower_node(ctx, node)  # the node itself, or the one that replaced it
+            carrier.meta["hadacore_lowering"] = choice
             log.debug("hadacore: %s lowered to %s", name, choice)
     eliminate_dead_code(ctx.graph)
     drop_unused_constants(ctx)
