@@ -49,6 +49,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "bits": 4,
     "sym": True,
     "rotate": "none",  # "none" | "online": R4 before down_proj, R3 on Q/K after RoPE
+    # True: R3 rotates K where it is written into the KV cache, so the cache holds rotated keys
+    # and a step's R3 work no longer grows with the cache. Exact only when every writer of the
+    # cache is compiled with these options (StaticDecoder compiles its prefill then).
+    "rotated_kv_cache": False,
     "fp8_attention": False,  # R3 + per-head FP8 e4m3 Q/K/V (emulated by quantize-dequantize on CPU)
     "split_k": "auto",  # "auto" | positive int: SplitK factor of the W4A16 GEMM (CUDA)
     "deterministic": False,  # fixed-order SplitK reduction
@@ -81,9 +85,14 @@ def validate_options(options: Optional[dict[str, Any]]) -> dict[str, Any]:
     sk = opts["split_k"]
     if sk != "auto" and (isinstance(sk, bool) or not isinstance(sk, int) or sk < 1):
         raise _bad("split_k", sk, "'auto' or a positive int")
-    for key in ("sym", "fp8_attention", "deterministic", "inductor"):
+    for key in ("sym", "rotated_kv_cache", "fp8_attention", "deterministic", "inductor"):
         if not isinstance(opts[key], bool):
             raise _bad(key, opts[key], "True or False")
+    if opts["rotated_kv_cache"] and opts["rotate"] != "online":
+        raise ValueError("hadacore option 'rotated_kv_cache': needs rotate='online' (it moves R3's rotation of K)")
+    if opts["rotated_kv_cache"] and opts["fp8_attention"]:
+        raise ValueError("hadacore options 'rotated_kv_cache' and 'fp8_attention' cannot be combined yet: FP8 "
+                         "attention rotates and quantizes K in one step as attention reads it")
     return opts
 
 

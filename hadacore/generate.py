@@ -1,8 +1,11 @@
 """Greedy decoding over a static KV cache, with a compiled decode step and honest timings.
 
-Used by the demo and ``benchmarks/e2e.py``. Prefill runs eagerly; only the decode step
-(one token, fixed shapes) is compiled, so every backend compiles exactly one graph and
-the first decode call's extra time is the compile time. Needs the ``hf`` extra.
+Used by the demo and ``benchmarks/e2e.py``. The decode step (one token, fixed shapes) is
+compiled, so the first decode call's extra time is its compile time. Prefill runs eagerly,
+except under hadacore's ``rotated_kv_cache``: the cache then holds R3-rotated keys, so
+every writer of it must be a hadacore graph, and prefill is compiled too (with
+``fullgraph=True`` for both, so nothing can silently fall back to eager). Needs the ``hf``
+extra.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class StaticDecoder:
 
     ``backend=None`` runs the decode step eagerly; otherwise it is ``torch.compile``d
     with that backend and ``options``. ``compile_s`` is the first step's time minus the
-    median step time (set after the first :meth:`generate`).
+    median step time (set after the first :meth:`generate`); a compiled prefill's compile
+    time is in ``DecodeResult.prefill_s``.
     """
 
     def __init__(self, model: nn.Module, *, max_len: int, batch: int = 1, backend: str | None = None,
@@ -50,11 +54,19 @@ class StaticDecoder:
             out = model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True)
             return out.logits[:, -1]
 
+        def prefill(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # its own code object, own graphs
+            return step(ids, pos)
+
+        rotated_cache = bool(backend and (options or {}).get("rotated_kv_cache"))
         # dynamic=False: batch and cache length are fixed per decoder, so each decoder gets a graph
         # specialised to its shapes. Otherwise Dynamo's automatic-dynamic would mark the batch
         # dynamic as soon as a second decoder (another batch size) compiled the same step code.
-        self._step = (torch.compile(step, backend=backend, options=options, fullgraph=False, dynamic=False)
-                      if backend else step)
+        # torch.compile pops some keys (guard_filter_fn) from options: each call gets a copy.
+        self._step = (torch.compile(step, backend=backend, options=dict(options or {}), fullgraph=rotated_cache,
+                                    dynamic=False) if backend else step)
+        # A prompt length is a new prefill shape: automatic-dynamic makes it symbolic at the second.
+        self._prefill = (torch.compile(prefill, backend=backend, options=dict(options or {}), fullgraph=True)
+                         if rotated_cache else step)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
@@ -64,7 +76,7 @@ class StaticDecoder:
         prompt_len = input_ids.shape[1]
         t0 = time.perf_counter()
         pos = torch.arange(prompt_len).expand(self.batch, -1)
-        logits = self.model(input_ids=input_ids, position_ids=pos, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        logits = self._prefill(input_ids, pos)
         prefill_s = time.perf_counter() - t0
         tokens = [logits.argmax(-1)]
         times = []

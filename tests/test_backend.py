@@ -44,10 +44,18 @@ def test_unknown_option_names_it_and_lists_valid_ones():
 @pytest.mark.parametrize("key,value", [
     ("quantize", "w8a8"), ("group_size", 0), ("group_size", 32.0), ("bits", 8), ("rotate", "offline"),
     ("split_k", 0), ("split_k", "fast"), ("deterministic", "yes"), ("inductor", 1), ("fp8_attention", None),
+    ("rotated_kv_cache", "yes"),
 ])
 def test_bad_option_values(key, value):
     with pytest.raises(ValueError, match=f"hadacore option '{key}'"):
         validate_options({key: value})
+
+
+def test_rotated_kv_cache_needs_online_rotation_and_no_fp8_attention():
+    with pytest.raises(ValueError, match="'rotated_kv_cache': needs rotate='online'"):
+        validate_options({"rotated_kv_cache": True})
+    with pytest.raises(ValueError, match="'rotated_kv_cache' and 'fp8_attention' cannot be combined"):
+        validate_options({"rotated_kv_cache": True, "rotate": "online", "fp8_attention": True})
 
 
 def test_defaults_and_mode():

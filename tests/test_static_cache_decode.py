@@ -1,43 +1,117 @@
-"""Regression: a static KV cache's in-place writes survive the hadacore passes.
+"""Decoding over HF's ``StaticCache`` through the hadacore passes.
 
-Dead-code elimination once dropped ``index_copy_`` / ``add_`` on the cache (they have no
-users), so every compiled decode step attended over a stale cache while prefill and
-perplexity (no cache) stayed correct.
+- Regression: the cache's in-place writes survive. Dead-code elimination once dropped
+  ``index_copy_`` / ``add_`` on the cache (they have no users), so every compiled decode
+  step attended over a stale cache while prefill and perplexity (no cache) stayed correct.
+- ``rotated_kv_cache``: R3 rotates K where it is written, so the cache holds rotated keys.
 """
 
+import logging
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+import hadacore
 import hadacore.fxpasses.cleanup as cleanup
 
 
-def _decode_logits(model, prompt, steps, backend=None, options=None):
+@pytest.fixture(scope="module")
+def gqa_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _decode_logits(model, prompt, steps, backend=None, options=None, compile_prefill=False):
+    """Prefill + ``steps`` greedy decode steps; the logits of each (prefill included)."""
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 1)
 
     def step(ids, pos):
         return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
 
-    fn = torch.compile(step, backend=backend, options=options) if backend else step
+    def prefill(ids, pos):  # its own code object: its own graph
+        return step(ids, pos)
+
+    fn = torch.compile(step, backend=backend, options=options, fullgraph=True) if backend else step
+    pre = torch.compile(prefill, backend=backend, options=options, fullgraph=True) if compile_prefill else step
     n = prompt.shape[1]
     with torch.no_grad():
-        logits = step(prompt, torch.arange(n)[None])
-        out = []
+        logits = pre(prompt, torch.arange(n)[None])
+        out = [logits]
         for s in range(steps):
             logits = fn(logits.argmax(-1)[:, None], torch.tensor([[n + s]]))
             out.append(logits)
     return torch.stack(out)
 
 
-def test_compiled_decode_with_static_cache_matches_eager():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
+def test_compiled_decode_with_static_cache_matches_eager(gqa_llama):
     prompt = torch.randint(0, 96, (1, 5))
-    ref = _decode_logits(model, prompt, 4)
+    ref = _decode_logits(gqa_llama, prompt, 4)
     torch._dynamo.reset()
-    out = _decode_logits(model, prompt, 4, backend="hadacore", options={"inductor": False})
+    out = _decode_logits(gqa_llama, prompt, 4, backend="hadacore", options={"inductor": False})
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+ROTATE = {"rotate": "online", "inductor": False}
+
+
+def test_rotated_kv_cache_exact_when_every_writer_is_compiled(gqa_llama):
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 96, (2, 5))
+    ref = _decode_logits(gqa_llama, prompt, 4)
+    torch._dynamo.reset()
+    hadacore.reset_stats()
+    out = _decode_logits(gqa_llama, prompt, 4, "hadacore", {**ROTATE, "rotated_kv_cache": True}, compile_prefill=True)
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    # per layer and graph (prefill, decode): R4, and R3 as one Hadamard over Q and the written K
+    s = hadacore.stats()
+    assert (s["graphs_compiled"], s["attention_rewritten"], s["hadamard_inserted"]) == (2, 4, 8)
+
+
+def test_rotated_kv_cache_really_holds_rotated_keys(gqa_llama):
+    """An eager prefill writes unrotated keys into the cache that compiled decode steps read
+    as rotated: the option's contract is broken and the logits move. (Were K not rotated at
+    the write, the cache would not care who wrote it.)"""
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 96, (2, 5))
+    ref = _decode_logits(gqa_llama, prompt, 3)
+    torch._dynamo.reset()
+    out = _decode_logits(gqa_llama, prompt, 3, "hadacore", {**ROTATE, "rotated_kv_cache": True})
+    assert (out[0] - ref[0]).abs().max() == 0  # the eager prefill itself
+    assert (out[1:] - ref[1:]).abs().max() > 1e-3
+
+
+def test_rotated_kv_cache_falls_back_to_rotating_at_read(caplog):
+    """A cache buffer with a use the pass cannot account for: K is rotated as attention
+    reads it (exact whatever wrote the cache), and the log says why."""
+    from compiler_models import apply_passes, capture, HADAMARD
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("keys", torch.randn(1, 2, 6, 16))
+
+        def forward(self, q, k, v, pos):
+            self.keys.index_copy_(2, pos, k)
+            self.keys.mul_(1.0)  # an in-place op the pass does not know
+            return torch.nn.functional.scaled_dot_product_attention(q, self.keys, v)
+
+    m = Attn()
+    args = (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 6, 16), torch.tensor([3]))
+    keys0 = m.keys.clone()
+    gm, inputs = capture(m, *args)  # runs m once: writes into m.keys
+    with caplog.at_level(logging.INFO, logger="hadacore.compiler"):
+        apply_passes(gm, inputs, rotate="online", rotated_kv_cache=True)
+    assert "the cache buffer has another use" in caplog.text
+    rotated = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == HADAMARD.default]
+    assert sorted(n.args[0].meta["example_value"].shape[2] for n in rotated) == [1, 6]  # Q, and K as read
+    m.keys.copy_(keys0)
+    expect = m(*args)
+    m.keys.copy_(keys0)  # the graph reads the same buffer (an input) and writes into it again
+    got = gm(*inputs)
+    torch.testing.assert_close(got[0] if isinstance(got, (tuple, list)) else got, expect, rtol=1e-5, atol=1e-5)
 
 
 def test_dead_code_elimination_keeps_in_place_ops():
@@ -51,3 +125,20 @@ def test_dead_code_elimination_keeps_in_place_ops():
     targets = [n.target for n in g.nodes if n.op == "call_method"]
     assert targets == ["index_copy_", "add_"]
     assert dead not in g.nodes
+
+
+def test_static_decoder_compiles_prefill_for_a_rotated_cache(gqa_llama):
+    from hadacore.generate import StaticDecoder
+
+    prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+    ref = StaticDecoder(gqa_llama, max_len=12, batch=2).generate(prompt, 5).tokens
+    torch._dynamo.reset()
+    hadacore.reset_stats()
+    dec = StaticDecoder(gqa_llama, max_len=12, batch=2, backend="hadacore",
+                        options={**ROTATE, "rotated_kv_cache": True})
+    assert torch.equal(dec.generate(prompt, 5).tokens, ref)
+    # prefill, where the cache creates its buffers; decode; prefill into the existing cache
+    assert torch.equal(dec.generate(prompt, 5).tokens, ref)
+    assert hadacore.stats()["graphs_compiled"] == 3
+    assert torch.equal(dec.generate(prompt, 5).tokens, ref)
+    assert hadacore.stats()["graphs_compiled"] == 3

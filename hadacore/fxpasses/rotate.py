@@ -4,20 +4,27 @@
   that reads ``silu(gate(x)) * up(x)``), with ``W_down <- W_down H / sqrt(K)`` so the layer
   computes the same function: ``(h H)(W H)^T / K = h W^T`` since ``H H^T = K I``.
 - R3: ``hadamard(., 1/sqrt(head_dim))`` on Q and K after RoPE: ``(q H)(k H)^T / d = q k^T``,
-  so scores are unchanged; it spreads outliers before FP8 quantization. K is rotated
-  before a GQA repeat (the transform commutes with repeating whole rows), so a static
-  cache's K costs kv_heads, not heads, rotations per step; with FP8 attention it is
-  rotated as attention reads it, where the FP8 pass fuses it with the quantization.
+  so scores are unchanged; it spreads outliers before FP8 quantization. Where K is rotated:
+  - ``rotated_kv_cache=True``: where it is written into the KV cache (QuaRot's place), so
+    the cache holds rotated keys and a step rotates only its new rows. Every writer of the
+    cache must then rotate too (the option's contract); if the write is not recognised,
+    K is rotated as attention reads it instead, which is exact either way.
+  - otherwise as attention reads it, before any GQA repeat (the transform commutes with
+    repeating whole rows): a static cache's whole K, on kv_heads rather than heads;
+  - with FP8 attention, as attention reads it, where the FP8 pass fuses it with the
+    quantization.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hadacore.fxpasses.context import AttentionBlock, PassContext, example_value, is_call
 from hadacore.fxpasses.stats import bump, skip
@@ -116,6 +123,72 @@ def _rotated_before_repeat(ctx: PassContext, k: fx.Node, d: int, before: fx.Node
     return had, out
 
 
+def _cache_writes(k: fx.Node, d: int, reader: fx.Node) -> tuple[list[fx.Node], str]:
+    """``(index_copy_ nodes, "")`` when attention reads K straight out of a KV-cache buffer
+    (through row-moving views only) whose only writes in this graph are
+    ``buf.index_copy_(seq_dim, pos, new_k)`` (HF's ``StaticCache``); ``([], "")`` when K does
+    not come from a buffer (no cache: rotating K where attention reads it is the same);
+    else ``([], why not)``. Any other use of the buffer (another reader, another in-place op, a view that could
+    alias it) means this pass cannot vouch for what the cache holds."""
+    chain, buf = [], k
+    while isinstance(buf, fx.Node) and len(chain) < 8 and _moves_whole_rows(buf, d):
+        chain.append(buf)
+        buf = buf.args[0]
+    if not (isinstance(buf, fx.Node) and (buf.op in ("placeholder", "get_attr") or is_call(buf, (torch.zeros,)))):
+        return [], ""
+    first_read = chain[-1] if chain else reader
+    ndim = example_value(buf).dim() if example_value(buf) is not None else 0
+    writes = []
+    for user in buf.users:
+        if user is first_read or user.op == "output":
+            continue
+        is_write = (user.op == "call_method" and user.target == "index_copy_" and len(user.args) == 4
+                    and not user.kwargs and user.args[0] is buf and not user.users and ndim > 0
+                    and isinstance(user.args[1], int) and user.args[1] % ndim != ndim - 1)
+        if not is_write:
+            return [], f"the cache buffer has another use ({user.format_node()})"
+        writes.append(user)
+    if not writes:
+        return [], "nothing writes the cache buffer in this graph"
+    return writes, ""
+
+
+def _with_example(node: fx.Node, fn, *inputs: fx.Node) -> fx.Node:
+    """Set ``node``'s example value to ``fn`` of its inputs' (under their fake mode)."""
+    evs = [example_value(i) for i in inputs]
+    if all(ev is not None for ev in evs):
+        mode = getattr(evs[0], "fake_mode", None)
+        with mode if mode is not None else contextlib.nullcontext():
+            node.meta["example_value"] = fn(*evs)
+    return node
+
+
+def _rotate_q_and_written_k(ctx: PassContext, q: fx.Node, write: fx.Node, d: int,
+                            anchor: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """R3 on Q and on the K that ``write`` stores, as one Hadamard over both concatenated
+    along the head axis: one matmul instead of two per decode step. ``(Q, K)`` rotated, or
+    None when their shapes or places in the graph do not line up."""
+    k = write.args[3]
+    qv, kv = example_value(q), example_value(k)
+    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4 or qv.dtype != kv.dtype:
+        return None
+    heads, kv_heads = qv.shape[1], kv.shape[1]
+    if not (isinstance(heads, int) and isinstance(kv_heads, int)) or not all(
+            statically_known_true(a == b) for i, (a, b) in enumerate(zip(qv.shape, kv.shape)) if i != 1):
+        return None
+    order = {n: i for i, n in enumerate(ctx.graph.nodes)}
+    if not (order.get(q, len(order)) < order[write] and order.get(k, len(order)) < order[write] < order[anchor]):
+        return None
+    with ctx.graph.inserting_before(write):
+        both = _with_example(ctx.graph.call_function(torch.cat, ([q, k], 1)), lambda a, b: torch.cat([a, b], 1), q, k)
+    had = insert_hadamard(ctx, both, d, write)
+    with ctx.graph.inserting_before(write):
+        hq = _with_example(ctx.graph.call_function(torch.narrow, (had, 1, 0, heads)), lambda h: h.narrow(1, 0, heads), had)
+        hk = _with_example(ctx.graph.call_function(torch.narrow, (had, 1, heads, kv_heads)),
+                           lambda h: h.narrow(1, heads, kv_heads), had)
+    return hq, hk
+
+
 def _r3(ctx: PassContext, block: AttentionBlock) -> None:
     if block.form != "sdpa" and block.k_is_transposed:
         skip("attention scores read K already transposed; R3 needs K itself", block.name)
@@ -127,11 +200,27 @@ def _r3(ctx: PassContext, block: AttentionBlock) -> None:
         anchor = _scores_matmul(block)
         k_consumer = anchor.args[1]  # the transpose of K
         anchor = k_consumer
-    hq = insert_hadamard(ctx, block.q, block.head_dim, anchor)
-    if ctx.options["fp8_attention"]:  # the FP8 pass fuses R3 with the quantization of K as attention reads it
-        hk = k_in = insert_hadamard(ctx, block.k, block.head_dim, anchor)
-    else:  # R3 before the GQA repeat: heads/kv_heads times less work on the (whole, cached) K
-        hk, k_in = _rotated_before_repeat(ctx, block.k, block.head_dim, anchor)
+    d = block.head_dim
+    writes, why = _cache_writes(block.k, d, k_consumer) if ctx.options["rotated_kv_cache"] else ([], "")
+    if why:
+        log.info("hadacore: %s: rotated_kv_cache: %s; K is rotated as attention reads it", block.name, why)
+    if writes:  # the cache holds rotated keys; attention reads them as they are
+        k_in = block.k
+        both = _rotate_q_and_written_k(ctx, block.q, writes[0], d, anchor) if len(writes) == 1 else None
+        if both is not None:
+            hq, hk = both
+            writes[0].update_arg(3, hk)
+        else:
+            hq = insert_hadamard(ctx, block.q, d, anchor)
+            for w in writes:
+                hk = insert_hadamard(ctx, w.args[3], d, w)
+                w.update_arg(3, hk)
+    else:
+        hq = insert_hadamard(ctx, block.q, d, anchor)
+        if ctx.options["fp8_attention"]:  # the FP8 pass fuses R3 with the quantization of K as attention reads it
+            hk = k_in = insert_hadamard(ctx, block.k, d, anchor)
+        else:  # R3 before the GQA repeat: heads/kv_heads times less work on the (whole, cached) K
+            hk, k_in = _rotated_before_repeat(ctx, block.k, d, anchor)
     _replace_q_k(block, hq, k_in, k_consumer)
     ctx.r3[block.name] = (hq, hk)
     bump("attention_rewritten")
