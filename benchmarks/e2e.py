@@ -52,6 +52,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from _common import read_bandwidth
+
 PREFILL_LEN = 512
 PROMPT_LEN = 16
 
@@ -74,22 +76,6 @@ class Row:
     prefill_compile_s: float | None = None
     note: str = ""
     error: str = ""
-
-
-def read_bandwidth(gib: float = 1.0, reps: int = 7) -> float:
-    """Bytes/s of ``sum`` over a buffer larger than the last-level cache. Best of reps: the
-    floor is what the memory can do; on a loaded machine the median under-reads it (a fp32
-    model then seems to beat its floor)."""
-    buf = torch.ones(int(gib * (1 << 30)) // 4)
-    buf.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    nbytes = buf.numel() * 4
-    del buf
-    return nbytes / min(times)
 
 
 def weight_bytes_per_step(model: nn.Module, weight_format: str, group_size: int) -> int:

@@ -35,6 +35,8 @@ import hadacore
 from hadacore.lowering.w4a16 import DEFAULT_INT4_MAX_M, SHORT_K_INT4_MAX_M, prepare_w4a16_cpu
 from hadacore.quant.format import dequantize_gptq, pack_gptq
 
+from _common import read_bandwidth
+
 CPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (7168, 8192)]  # (N, K); 7168 = 28672 / 4
 CPU_MS = [1, 4, 16, 64, 256]
 GPU_SHAPES = [(4096, 4096), (8192, 8192), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]
@@ -53,7 +55,7 @@ class CpuTimer:
 
     def read_bandwidth(self) -> float:
         """GB/s of ``sum`` over the flush buffer (larger than the LLC)."""
-        return self.flush.numel() * 4 / self(self.flush.sum, reps=6, cold=False) / 1e6
+        return read_bandwidth(self.flush, reps=6) / 1e9
 
     def __call__(self, fn, reps: int = 6, cold: bool | None = None) -> float:
         return self.many([fn], reps, cold)[0]

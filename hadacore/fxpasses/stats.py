@@ -45,9 +45,14 @@ def count_pass(name: str) -> None:
     _pass_runs[name] += 1
 
 
+def record_skip(reason: str) -> None:
+    """Count ``reason`` in ``stats()["skipped"]`` without a log line (the caller logs)."""
+    _skipped[reason] += 1
+
+
 def skip(reason: str, what: str) -> None:
     """Record that ``what`` (a layer or node name) was left alone, and log why (one line)."""
-    _skipped[reason] += 1
+    record_skip(reason)
     log.info("hadacore: left %s alone: %s", what, reason)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from hadacore.fxpasses.block_graph import match_mlp
 from hadacore.fxpasses.context import LinearSite, PassContext, example_value, skip_dtype_casts
-from hadacore.fxpasses.stats import bump, skip
+from hadacore.fxpasses.stats import bump, record_skip
 from hadacore.quant.permute import act_order_perm, is_sorted_by_group, permute_input_columns, permute_output_rows
 
 log = logging.getLogger("hadacore.compiler")
@@ -63,6 +63,7 @@ def _fold_into_mlp(ctx: PassContext, site: LinearSite, perm: torch.Tensor) -> Op
 
 
 def tp_permute(ctx: PassContext) -> None:
+    kept: dict[str, list[str]] = {}  # why -> layers whose act-order gather stays at run time
     for site in ctx.sites:
         if site.kind != "gptq" or is_sorted_by_group(site.gptq["g_idx"]):
             continue
@@ -89,4 +90,8 @@ def tp_permute(ctx: PassContext) -> None:
                 continue
         site.gather = perm
         bump("gather_kept")
-        skip(f"act-order gather kept ({why})", site.name)
+        record_skip(f"act-order gather kept ({why})")
+        kept.setdefault(why, []).append(site.name)
+    for why, names in kept.items():  # one line per reason: the layers are rewritten, only the gather stays
+        log.info("hadacore: %d layer(s) rewritten with their act-order gather kept at run time (%s), e.g. %s",
+                 len(names), why, names[0])
