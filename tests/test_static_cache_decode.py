@@ -6,8 +6,6 @@
 - ``rotated_kv_cache``: R3 rotates K where it is written, so the cache holds rotated keys.
 """
 
-import logging
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
@@ -83,9 +81,10 @@ def test_rotated_kv_cache_really_holds_rotated_keys(gqa_llama):
     assert (out[1:] - ref[1:]).abs().max() > 1e-3
 
 
-def test_rotated_kv_cache_falls_back_to_rotating_at_read(caplog):
-    """A cache buffer with a use the pass cannot account for: K is rotated as attention
-    reads it (exact whatever wrote the cache), and the log says why."""
+def test_rotated_kv_cache_refuses_a_cache_it_cannot_account_for():
+    """A cache buffer with a use the pass does not understand: neither place for R3 is exact
+    (other graphs may have stored rotated keys), so compiling fails with the reason; without
+    the option, K is rotated as attention reads it, which is exact."""
     from compiler_models import apply_passes, capture, HADAMARD
 
     class Attn(torch.nn.Module):
@@ -102,9 +101,10 @@ def test_rotated_kv_cache_falls_back_to_rotating_at_read(caplog):
     args = (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 6, 16), torch.tensor([3]))
     keys0 = m.keys.clone()
     gm, inputs = capture(m, *args)  # runs m once: writes into m.keys
-    with caplog.at_level(logging.INFO, logger="hadacore.compiler"):
+    with pytest.raises(ValueError, match="rotated_kv_cache: cannot rotate K .* the cache buffer has another use"):
         apply_passes(gm, inputs, rotate="online", rotated_kv_cache=True)
-    assert "the cache buffer has another use" in caplog.text
+    gm, inputs = capture(m, *args)
+    apply_passes(gm, inputs, rotate="online")
     rotated = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == HADAMARD.default]
     assert sorted(n.args[0].meta["example_value"].shape[2] for n in rotated) == [1, 6]  # Q, and K as read
     m.keys.copy_(keys0)

@@ -7,8 +7,9 @@
   so scores are unchanged; it spreads outliers before FP8 quantization. Where K is rotated:
   - ``rotated_kv_cache=True``: where it is written into the KV cache (QuaRot's place), so
     the cache holds rotated keys and a step rotates only its new rows. Every writer of the
-    cache must then rotate too (the option's contract); if the write is not recognised,
-    K is rotated as attention reads it instead, which is exact either way.
+    cache must then rotate too (the option's contract). A cache whose writes this pass
+    cannot account for is an error: rotating at read there would double-rotate the keys
+    other graphs wrote.
   - otherwise as attention reads it, before any GQA repeat (the transform commutes with
     repeating whole rows): a static cache's whole K, on kv_heads rather than heads;
   - with FP8 attention, as attention reads it, where the FP8 pass fuses it with the
@@ -203,7 +204,9 @@ def _r3(ctx: PassContext, block: AttentionBlock) -> None:
     d = block.head_dim
     writes, why = _cache_writes(block.k, d, k_consumer) if ctx.options["rotated_kv_cache"] else ([], "")
     if why:
-        log.info("hadacore: %s: rotated_kv_cache: %s; K is rotated as attention reads it", block.name, why)
+        raise ValueError(f"hadacore: rotated_kv_cache: cannot rotate K where {block.name} writes its KV cache: "
+                         f"{why}. Other graphs may store rotated keys in the same cache, so rotating K as "
+                         f"attention reads it would not be exact either; compile with rotated_kv_cache=False")
     if writes:  # the cache holds rotated keys; attention reads them as they are
         k_in = block.k
         both = _rotate_q_and_written_k(ctx, block.q, writes[0], d, anchor) if len(writes) == 1 else None
