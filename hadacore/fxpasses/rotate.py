@@ -127,10 +127,11 @@ def _rotated_before_repeat(ctx: PassContext, k: fx.Node, d: int, before: fx.Node
 def _cache_writes(k: fx.Node, d: int, reader: fx.Node) -> tuple[list[fx.Node], str]:
     """``(index_copy_ nodes, "")`` when attention reads K straight out of a KV-cache buffer
     (through row-moving views only) whose only writes in this graph are
-    ``buf.index_copy_(seq_dim, pos, new_k)`` (HF's ``StaticCache``); ``([], "")`` when K does
-    not come from a buffer (no cache: rotating K where attention reads it is the same);
-    else ``([], why not)``. Any other use of the buffer (another reader, another in-place op, a view that could
-    alias it) means this pass cannot vouch for what the cache holds."""
+    ``buf.index_copy_(seq_dim, pos, new_k)`` (HF's ``StaticCache``); ``([], "")`` when K
+    does not come from a buffer (no cache: rotating K where attention reads it is the
+    same); else ``([], why not)``. Any other use of the buffer (another reader, another
+    in-place op, a view that could alias it) means this pass cannot vouch for what the
+    cache holds."""
     chain, buf = [], k
     while isinstance(buf, fx.Node) and len(chain) < 8 and _moves_whole_rows(buf, d):
         chain.append(buf)
@@ -225,7 +226,7 @@ def _r3(ctx: PassContext, block: AttentionBlock) -> None:
         else:  # R3 before the GQA repeat: heads/kv_heads times less work on the (whole, cached) K
             hk, k_in = _rotated_before_repeat(ctx, block.k, d, anchor)
     _replace_q_k(block, hq, k_in, k_consumer)
-    ctx.r3[block.name] = (hq, hk)
+    ctx.r3[block.name] = (hq, hk)  # for the FP8 pass (never on with rotated_kv_cache, whose hq/hk may be views)
     bump("attention_rewritten")
 
 
