@@ -108,14 +108,20 @@ def _moves_whole_rows(node: fx.Node, d: int) -> bool:
     return False
 
 
-def _rotated_before_repeat(ctx: PassContext, k: fx.Node, d: int, before: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """``(hadamard node, K as attention reads it)`` with the rotation applied before any
-    row-repeating views (GQA): on the KV heads, not on their repeated copies."""
-    chain = []
-    src = k
+def _row_moves(k: fx.Node, d: int) -> tuple[list[fx.Node], fx.Node]:
+    """``(views, source)``: the row-moving views (:func:`_moves_whole_rows`) K went through,
+    outermost first, and the tensor they start from."""
+    chain, src = [], k
     while isinstance(src, fx.Node) and len(chain) < 8 and _moves_whole_rows(src, d):
         chain.append(src)
         src = src.args[0]
+    return chain, src
+
+
+def _rotated_before_repeat(ctx: PassContext, k: fx.Node, d: int, before: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``(hadamard node, K as attention reads it)`` with the rotation applied before any
+    row-repeating views (GQA): on the KV heads, not on their repeated copies."""
+    chain, src = _row_moves(k, d)
     had = insert_hadamard(ctx, src, d, before)
     out = had
     for node in reversed(chain):  # re-apply the views to the rotated K (originals stay for any other user)
@@ -132,10 +138,7 @@ def _cache_writes(k: fx.Node, d: int, reader: fx.Node) -> tuple[list[fx.Node], s
     same); else ``([], why not)``. Any other use of the buffer (another reader, another
     in-place op, a view that could alias it) means this pass cannot vouch for what the
     cache holds."""
-    chain, buf = [], k
-    while isinstance(buf, fx.Node) and len(chain) < 8 and _moves_whole_rows(buf, d):
-        chain.append(buf)
-        buf = buf.args[0]
+    chain, buf = _row_moves(k, d)
     if not (isinstance(buf, fx.Node) and (buf.op in ("placeholder", "get_attr") or is_call(buf, (torch.zeros,)))):
         return [], ""
     first_read = chain[-1] if chain else reader
