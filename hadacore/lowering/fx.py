@@ -90,7 +90,8 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, str]:
     m, limit = _rows(x), default_int4_max_m(tensors[0].shape[0] * 8)  # 4-bit: 8 weights per int32 of K
     small = m is not None and statically_known_true(m <= limit)
     large = m is not None and statically_known_true(m > limit)
-    prepared = prepare_w4a16_cpu(*tensors, gi, group_size, dense=False if small else None, int4=not large)
+    prepared = prepare_w4a16_cpu(*tensors, gi, group_size, dense=False if small else None, int4=not large,
+                                 int4_max_m=limit)
     args = {
         name: None if t is None else ctx.add_constant(f"{node.name}.{name}", t, node)
         for name, t in zip(("packed", "scales_and_zeros", "weight", "perm"), prepared.op_args()[:4])
