@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                     {v.name: v.weight_format for v in vs}, a.prefill)
         for b in batches:
             targets({r.name: 1.0 / r.decode[b] for r in rows if not r.error and r.decode.get(b)}, b, "from the rows")
-        judged = [v for v in vs if v.name == "Inductor fp32" or v.backend == "hadacore" or v.name.startswith("torchao")]
+        ok = {r.name for r in rows if not r.error}  # a variant that failed in its row (no torchao) is not re-run
+        judged = [v for v in vs if v.name in ok and (v.name == "Inductor fp32" or v.backend == "hadacore"
+                                                     or v.name.startswith("torchao"))]
         if a.alternate_rounds > 0 and len(judged) > 1:
             for b, step_s in alternate(fp_model, judged, batches, tokens, a.alternate_rounds).items():
                 targets(step_s, b, f"alternating runs, {a.alternate_rounds} rounds")
