@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from hadacore.quant.format import _pack_rows, _unpack_rows
+from hadacore.quant.format import pack_rows, unpack_rows
 
 __all__ = ["TensorSource", "SafetensorsSource", "DictSource", "take", "read_gptq"]
 
@@ -140,9 +140,9 @@ def _select_packed_rows(
             return take(src, name, {0: aligned[:, 0] // per, **({1: cols} if cols is not None else {})})
     uniq = torch.unique(words, sorted=True)
     packed = take(src, name, {0: uniq, **({1: cols} if cols is not None else {})})
-    vals = _unpack_rows(packed, bits)
+    vals = unpack_rows(packed, bits)
     pos = torch.searchsorted(uniq, words) * per + index % per
-    return _pack_rows(vals[pos], bits)
+    return pack_rows(vals[pos], bits)
 
 
 def read_gptq(

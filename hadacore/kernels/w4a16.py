@@ -71,7 +71,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hadacore.lowering.w4a16_configs import select_w4a16_config, split_k_ranges
-from hadacore.quant.format import _pack_rows, _unpack_rows, check_gptq_tensors, default_g_idx
+from hadacore.quant.format import pack_rows, unpack_rows, check_gptq_tensors, default_g_idx
 
 __all__ = ["w4a16_matmul_triton", "prepare_act_order", "ActOrderWeight", "group_mode"]
 
@@ -376,7 +376,7 @@ def prepare_act_order(qweight: Tensor, g_idx: Tensor, group_size: int) -> ActOrd
     if g_idx.device != qweight.device:
         raise ValueError(f"g_idx is on {g_idx.device} but qweight is on {qweight.device}")
     perm = torch.argsort(g_idx.to(torch.int64), stable=True)
-    qweight_sorted = _pack_rows(_unpack_rows(qweight, 4)[perm], 4)
+    qweight_sorted = pack_rows(unpack_rows(qweight, 4)[perm], 4)
     g_sorted = g_idx[perm].to(torch.int32)
     contiguous = group_size == -1 or torch.equal(g_sorted, default_g_idx(k, group_size, device=g_idx.device))
     return ActOrderWeight(qweight_sorted, None if contiguous else g_sorted.contiguous(), perm.to(torch.int32))

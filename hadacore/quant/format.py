@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-__all__ = ["pack_gptq", "unpack_gptq", "dequantize_gptq", "check_gptq_tensors", "default_g_idx"]
+__all__ = ["pack_gptq", "unpack_gptq", "dequantize_gptq", "check_gptq_tensors", "default_g_idx", "pack_rows", "unpack_rows"]
 
 _FORMATS = ("gptq", "gptq_v2")
 
@@ -39,7 +39,7 @@ def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``vals [R*per, C]`` (ints in [0, 2**bits)) along dim 0 into int32 ``[R, C]``."""
     per = 32 // bits
     v = vals.to(torch.int64).reshape(vals.shape[0] // per, per, vals.shape[1])
@@ -47,8 +47,8 @@ def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32_bits((v << shifts).sum(dim=1))
 
 
-def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_rows`: int32 ``[R, C]`` -> int32 ``[R*per, C]``."""
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 ``[R, C]`` -> int32 ``[R*per, C]``."""
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, per, 1)
     v = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
@@ -128,8 +128,8 @@ def pack_gptq(
         raise ValueError(f"g_idx must be [K={k}] with values in [0, {groups})")
     stored = zeros.to(torch.int64) - (1 if checkpoint_format == "gptq" else 0)
     return {
-        "qweight": _pack_rows(intweight.t(), bits),
-        "qzeros": _pack_rows(stored.t(), bits).t().contiguous(),
+        "qweight": pack_rows(intweight.t(), bits),
+        "qzeros": pack_rows(stored.t(), bits).t().contiguous(),
         "scales": scales.contiguous(),
         "g_idx": g_idx.to(torch.int32).contiguous(),
     }
@@ -144,7 +144,7 @@ def unpack_gptq(
         raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
     intweight = _unpack_nk(qweight, bits).to(torch.int32)
-    zeros = _unpack_rows(qzeros.t(), bits).t()
+    zeros = unpack_rows(qzeros.t(), bits).t()
     if checkpoint_format == "gptq":
         zeros = zeros + 1  # no mask after the +1: exactly what v1 readers compute
     g_idx = tensors.get("g_idx")
@@ -224,7 +224,7 @@ def dequantize_gptq(
     n, k, groups = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
     if checkpoint_format not in _FORMATS:
         raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
-    zeros = _unpack_rows(qzeros.t(), bits).t().float()  # [G, N]
+    zeros = unpack_rows(qzeros.t(), bits).t().float()  # [G, N]
     if checkpoint_format == "gptq":
         zeros += 1
     zeros_t, scales_t = zeros.t().contiguous(), scales.float().t().contiguous()  # [N, G]
