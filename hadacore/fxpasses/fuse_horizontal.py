@@ -29,7 +29,6 @@ def fuse_horizontal(ctx: PassContext) -> None:
     for s in ctx.sites:
         if s.kind == "gptq" and not s.rewritten and s.gather is None:
             groups[_key(s)].append(s)
-    order = {n: i for i, n in enumerate(ctx.graph.nodes)}
     for key, sites in groups.items():
         if len(sites) < 2:
             continue
@@ -43,7 +42,7 @@ def fuse_horizontal(ctx: PassContext) -> None:
             if any(b is None for b in biases):
                 skip("bias is not a constant; not fused", ",".join(names))
                 continue
-        sites.sort(key=lambda s: order[s.node])
+        sites.sort(key=lambda s: s.node)  # fx nodes compare by graph order
         first = sites[0].node
         fused = _FusedSite(name="+".join(names), gptq=concat_output_rows([s.gptq for s in sites]),
                            group_size=sites[0].group_size)

@@ -181,8 +181,7 @@ def _rotate_q_and_written_k(ctx: PassContext, q: fx.Node, write: fx.Node, d: int
     if not (isinstance(heads, int) and isinstance(kv_heads, int)) or not all(
             statically_known_true(a == b) for i, (a, b) in enumerate(zip(qv.shape, kv.shape)) if i != 1):
         return None
-    order = {n: i for i, n in enumerate(ctx.graph.nodes)}
-    if not (order.get(q, len(order)) < order[write] and order.get(k, len(order)) < order[write] < order[anchor]):
+    if not (isinstance(k, fx.Node) and q < write and k < write < anchor):  # fx nodes compare by graph order
         return None
     with ctx.graph.inserting_before(write):
         both = _with_example(ctx.graph.call_function(torch.cat, ([q, k], 1)), lambda a, b: torch.cat([a, b], 1), q, k)
