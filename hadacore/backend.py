@@ -21,7 +21,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-__all__ = ["hadacore_backend", "DEFAULT_OPTIONS", "validate_options"]
+from hadacore.options import CompileOptions
+
+__all__ = ["hadacore_backend"]
 
 log = logging.getLogger("hadacore.compiler")
 
@@ -42,58 +44,32 @@ def _register_torch_logs() -> None:
 
 _register_torch_logs()
 
-#: Every option and its default.
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "quantize": None,  # None | "w4a16": RTN-quantize float linears at compile time
-    "group_size": 128,  # quantization group size (positive, or -1 for per-channel)
-    "bits": 4,
-    "sym": True,
-    "rotate": "none",  # "none" | "online": R4 before down_proj, R3 on Q/K after RoPE
-    # True: R3 rotates K where it is written into the KV cache, so the cache holds rotated keys
-    # and a step's R3 work no longer grows with the cache. Exact only when every writer of the
-    # cache is compiled with these options (StaticDecoder compiles its prefill then).
-    "rotated_kv_cache": False,
-    "fp8_attention": False,  # R3 + per-head FP8 e4m3 Q/K/V (emulated by quantize-dequantize on CPU)
-    "split_k": "auto",  # "auto" | positive int: SplitK factor of the W4A16 GEMM (CUDA)
-    "deterministic": False,  # fixed-order SplitK reduction
-    "inductor": True,  # False: run the rewritten graph eagerly (debugging)
-}
-
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _bad(key: str, value: Any, accepted: str) -> ValueError:
-    return ValueError(f"hadacore option {key!r}: got {value!r}, accepted: {accepted}")
+def _refuse_last_recompile(opts: CompileOptions) -> None:
+    """Never let Dynamo fall back to the eager function where that is another model.
 
+    Past ``torch._dynamo.config.recompile_limit`` graphs of one function, Dynamo runs the
+    function eagerly, with only a generic warning. When the compiled graph computes
+    another function (compile-time quantization, a rotated KV cache, FP8 attention) that
+    silently swaps the model. Dynamo never calls the backend for that fallback, so the
+    compile that would fill the last slot raises instead, saying what to change.
+    """
+    if not opts.changes_model:
+        return
+    from torch._guards import CompileContext
 
-def validate_options(options: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """Defaults merged with ``options``; ``ValueError`` for unknown keys or bad values."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown hadacore option(s) {unknown}; valid options: {sorted(DEFAULT_OPTIONS)}")
-    opts = {**DEFAULT_OPTIONS, **options}
-    if opts["quantize"] not in (None, "w4a16"):
-        raise _bad("quantize", opts["quantize"], "None or 'w4a16'")
-    gs = opts["group_size"]
-    if isinstance(gs, bool) or not isinstance(gs, int) or not (gs > 0 or gs == -1):
-        raise _bad("group_size", gs, "a positive int or -1 (per-channel)")
-    if opts["bits"] != 4 or isinstance(opts["bits"], bool):
-        raise _bad("bits", opts["bits"], "4 (the W4A16 GEMM is 4-bit)")
-    if opts["rotate"] not in ("none", "online"):
-        raise _bad("rotate", opts["rotate"], "'none' or 'online'")
-    sk = opts["split_k"]
-    if sk != "auto" and (isinstance(sk, bool) or not isinstance(sk, int) or sk < 1):
-        raise _bad("split_k", sk, "'auto' or a positive int")
-    for key in ("sym", "rotated_kv_cache", "fp8_attention", "deterministic", "inductor"):
-        if not isinstance(opts[key], bool):
-            raise _bad(key, opts[key], "True or False")
-    if opts["rotated_kv_cache"] and opts["rotate"] != "online":
-        raise ValueError("hadacore option 'rotated_kv_cache': needs rotate='online' (it moves R3's rotation of K)")
-    if opts["rotated_kv_cache"] and opts["fp8_attention"]:
-        raise ValueError("hadacore options 'rotated_kv_cache' and 'fp8_attention' cannot be combined yet: FP8 "
-                         "attention rotates and quantizes K in one step as attention reads it")
-    return opts
+    compile_id = CompileContext.current_compile_id()
+    limit = torch._dynamo.config.recompile_limit
+    if compile_id is None or compile_id.frame_compile_id is None or compile_id.frame_compile_id + 1 < limit:
+        return
+    raise RuntimeError(
+        f"hadacore: this function now needs graph {compile_id.frame_compile_id + 1} and Dynamo's recompile_limit is "
+        f"{limit}. Past the limit Dynamo would run the eager model, which is not the model these options compile "
+        f"(quantize={opts.quantize!r}, rotated_kv_cache={opts.rotated_kv_cache}, fp8_attention={opts.fp8_attention}), "
+        "without a word. Compile with dynamic=True (one graph for all sizes), or raise "
+        "torch._dynamo.config.recompile_limit")
 
 
 def hadacore_backend(
@@ -112,14 +88,15 @@ def hadacore_backend(
 
     if mode not in _MODES:
         raise ValueError(f"hadacore: unknown mode {mode!r}; accepted: {_MODES[1:]}")
-    opts = validate_options({**(options or {}), **kwargs})
+    opts = CompileOptions.from_mapping({**(options or {}), **kwargs})
+    _refuse_last_recompile(opts)
     bump("graphs_compiled")
     ctx = PassContext(gm, example_inputs, opts)
     run_passes(ctx)
     lower(ctx)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("hadacore: graph after lowering:\n%s", gm.print_readable(print_output=False))
-    if not opts["inductor"]:
+    if not opts.inductor:
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx

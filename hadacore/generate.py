@@ -2,10 +2,11 @@
 
 Used by the demo and ``benchmarks/e2e.py``. The decode step (one token, fixed shapes) is
 compiled, so the first decode call's extra time is its compile time. Prefill runs eagerly,
-except under hadacore's ``rotated_kv_cache``: the cache then holds R3-rotated keys, so
-every writer of it must be a hadacore graph, and prefill is compiled too (with
-``fullgraph=True`` for both, so nothing can silently fall back to eager). Needs the ``hf``
-extra.
+except where hadacore's options make the compiled model another function than the eager
+one (compile-time quantization, a rotated KV cache, FP8 attention:
+``CompileOptions.changes_model``): the KV cache must then be written by the compiled model
+only, so prefill is compiled too, and both with ``fullgraph=True`` so nothing can fall
+back to eager. Needs the ``hf`` extra.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from hadacore.options import CompileOptions
 
 __all__ = ["StaticDecoder", "DecodeResult"]
 
@@ -57,16 +60,16 @@ class StaticDecoder:
         def prefill(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # its own code object, own graphs
             return step(ids, pos)
 
-        rotated_cache = bool(backend and (options or {}).get("rotated_kv_cache"))
+        compiled_only = backend == "hadacore" and CompileOptions.from_mapping(options).changes_model
         # dynamic=False: batch and cache length are fixed per decoder, so each decoder gets a graph
         # specialised to its shapes. Otherwise Dynamo's automatic-dynamic would mark the batch
         # dynamic as soon as a second decoder (another batch size) compiled the same step code.
         # torch.compile pops some keys (guard_filter_fn) from options: each call gets a copy.
-        self._step = (torch.compile(step, backend=backend, options=dict(options or {}), fullgraph=rotated_cache,
+        self._step = (torch.compile(step, backend=backend, options=dict(options or {}), fullgraph=compiled_only,
                                     dynamic=False) if backend else step)
         # A prompt length is a new prefill shape: automatic-dynamic makes it symbolic at the second.
         self._prefill = (torch.compile(prefill, backend=backend, options=dict(options or {}), fullgraph=True)
-                         if rotated_cache else step)
+                         if compiled_only else step)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:

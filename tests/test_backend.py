@@ -17,7 +17,8 @@ from torch import nn
 
 import hadacore
 from compiler_models import TinyLlamaBlock, quantize_modules, rel_err
-from hadacore.backend import DEFAULT_OPTIONS, hadacore_backend, validate_options
+from hadacore.backend import hadacore_backend
+from hadacore.options import CompileOptions
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,7 @@ def test_backend_is_registered_by_entry_point():
 
 def test_unknown_option_names_it_and_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown hadacore option\(s\) \['quantise'\]; valid options: \[.*'quantize'"):
-        validate_options({"quantise": "w4a16"})
+        CompileOptions.from_mapping({"quantise": "w4a16"})
     f = torch.compile(lambda x: x + 1, backend="hadacore", options={"bogus": 1})
     with pytest.raises(Exception, match="bogus"):
         f(torch.randn(3))
@@ -43,23 +44,25 @@ def test_unknown_option_names_it_and_lists_valid_ones():
 
 @pytest.mark.parametrize("key,value", [
     ("quantize", "w8a8"), ("group_size", 0), ("group_size", 32.0), ("bits", 8), ("rotate", "offline"),
-    ("split_k", 0), ("split_k", "fast"), ("deterministic", "yes"), ("inductor", 1), ("fp8_attention", None),
+    ("split_k", -1), ("split_k", "fast"), ("skip_layers", 3), ("deterministic", "yes"), ("inductor", 1), ("fp8_attention", None),
     ("rotated_kv_cache", "yes"),
 ])
 def test_bad_option_values(key, value):
     with pytest.raises(ValueError, match=f"hadacore option '{key}'"):
-        validate_options({key: value})
+        CompileOptions.from_mapping({key: value})
 
 
 def test_rotated_kv_cache_needs_online_rotation_and_no_fp8_attention():
     with pytest.raises(ValueError, match="'rotated_kv_cache': needs rotate='online'"):
-        validate_options({"rotated_kv_cache": True})
+        CompileOptions.from_mapping({"rotated_kv_cache": True})
     with pytest.raises(ValueError, match="'rotated_kv_cache' and 'fp8_attention' cannot be combined"):
-        validate_options({"rotated_kv_cache": True, "rotate": "online", "fp8_attention": True})
+        CompileOptions.from_mapping({"rotated_kv_cache": True, "rotate": "online", "fp8_attention": True})
 
 
 def test_defaults_and_mode():
-    assert validate_options(None) == DEFAULT_OPTIONS
+    assert CompileOptions.from_mapping(None) == CompileOptions()
+    assert CompileOptions.from_mapping({"split_k": "auto", "skip_layers": ["lm_head"]}) == CompileOptions(
+        split_k=0, skip_layers=("lm_head",))
     gm = torch.fx.symbolic_trace(nn.ReLU())
     with pytest.raises(ValueError, match="unknown mode 'fastest'"):
         hadacore_backend(gm, [torch.randn(2)], mode="fastest")
@@ -285,3 +288,23 @@ def test_symbolic_divisibility_checks_add_no_guards():
     assert known_multiple(s * 64, 64) and known_multiple(4096, 64)
     assert not known_multiple(s, 64) and not known_multiple(4100, 64)
     assert len(env.guards) == 0
+
+
+def test_no_silent_eager_fallback_of_a_quantized_model_at_the_recompile_limit():
+    """Issue 13.7: past Dynamo's recompile_limit the eager (float) function would run. A
+    hadacore compile that changes the model refuses the last slot with what to change;
+    one that does not (exact rotations only) falls back as Dynamo does."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    f = torch.compile(lin, backend="hadacore", dynamic=False, options={"quantize": "w4a16", "group_size": 32})
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=3), torch.no_grad():
+        f(torch.randn(1, 64))
+        f(torch.randn(2, 64))
+        with pytest.raises(Exception, match=r"recompile_limit is 3.*dynamic=True"):
+            f(torch.randn(3, 64))
+        torch._dynamo.reset()
+        g = torch.compile(lin, backend="hadacore", dynamic=False, options={"inductor": False})
+        for m in range(1, 6):  # past the limit Dynamo runs lin eagerly: the same function here
+            x = torch.randn(m, 64)
+            torch.testing.assert_close(g(x), lin(x), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 import hadacore
 from compiler_models import apply_passes, capture, count, DEQUANT, HADAMARD, quantize_modules, rel_err, W4A16
-from hadacore.backend import validate_options
+from hadacore.options import CompileOptions
 from hadacore.fxpasses import PassContext
 from hadacore.fxpasses.find_linears import find_linears
 from hadacore.lowering.w4a16 import bf16_linear, int4_linear
@@ -38,7 +38,7 @@ def _hand_built_graph():
 
 def test_find_linears_hand_built_graph_skips_activation_weights():
     gm, inputs = _hand_built_graph()
-    ctx = PassContext(gm, inputs, validate_options({}))
+    ctx = PassContext(gm, inputs, CompileOptions.from_mapping({}))
     find_linears(ctx)
     assert [s.kind for s in ctx.sites] == ["float"]
     assert ctx.sites[0].name == "w" and torch.equal(ctx.sites[0].weight, gm.w)

@@ -4,6 +4,8 @@
   ``index_copy_`` / ``add_`` on the cache (they have no users), so every compiled decode
   step attended over a stale cache while prefill and perplexity (no cache) stayed correct.
 - ``rotated_kv_cache``: R3 rotates K where it is written, so the cache holds rotated keys.
+- Whenever the compiled model is another function than the eager one (compile-time
+  quantization), every writer of the cache must be the compiled model.
 """
 
 import pytest
@@ -12,6 +14,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import hadacore
 import hadacore.fxpasses.cleanup as cleanup
+from compiler_models import quantize_modules, rel_err
+
+# Compile-time quantization with online rotations, and its eager reference: every nn.Linear
+# an RTN QuantLinear of the same group size, down_proj's weight rotated for the online R4.
+QUANT = {"quantize": "w4a16", "group_size": 32, "rotate": "online"}
+W4A16_TOL = 1e-2  # bf16 activations (the W4A16 contract)
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +28,11 @@ def gqa_llama():
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def rtn_llama(gqa_llama):
+    return quantize_modules(gqa_llama, QUANT["group_size"], online=("down_proj",))
 
 
 def _decode_logits(model, prompt, steps, backend=None, options=None, compile_prefill=False):
@@ -44,12 +57,16 @@ def _decode_logits(model, prompt, steps, backend=None, options=None, compile_pre
     return torch.stack(out)
 
 
-def test_compiled_decode_with_static_cache_matches_eager(gqa_llama):
-    prompt = torch.randint(0, 96, (1, 5))
-    ref = _decode_logits(gqa_llama, prompt, 4)
+def test_compiled_quantized_decode_with_static_cache_matches_the_eager_model_it_compiles(gqa_llama, rtn_llama):
+    """Prefill and decode steps compiled with compile-time quantization and online rotations
+    read and write the cache in place: each step's logits are the eager RTN model's."""
+    prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(0))
+    ref = _decode_logits(rtn_llama, prompt, 4)
     torch._dynamo.reset()
-    out = _decode_logits(gqa_llama, prompt, 4, backend="hadacore", options={"inductor": False})
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out = _decode_logits(gqa_llama, prompt, 4, backend="hadacore", options=QUANT, compile_prefill=True)
+    for step, (o, r) in enumerate(zip(out, ref)):
+        assert rel_err(o, r) < W4A16_TOL, f"step {step}"
+    assert rel_err(out, _decode_logits(gqa_llama, prompt, 4)) > 1e-3  # really quantized
 
 
 ROTATE = {"rotate": "online", "inductor": False}
@@ -142,3 +159,18 @@ def test_static_decoder_compiles_prefill_for_a_rotated_cache(gqa_llama):
     assert hadacore.stats()["graphs_compiled"] == 3
     assert torch.equal(dec.generate(prompt, 5).tokens, ref)
     assert hadacore.stats()["graphs_compiled"] == 3
+
+
+def test_static_decoder_compiles_prefill_when_the_compiled_model_is_another_function(gqa_llama, rtn_llama):
+    """Issue 13.5: with compile-time quantization (no rotated cache) an eager prefill would fill
+    the cache from the float model and the quantized decode steps would read it: the tokens
+    drift. The decoder compiles its prefill too, so they are the eager RTN model's, step by step."""
+    from hadacore.generate import StaticDecoder
+
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    ref = StaticDecoder(rtn_llama, max_len=20).generate(prompt, 12).tokens
+    torch._dynamo.reset()
+    hadacore.reset_stats()
+    dec = StaticDecoder(gqa_llama, max_len=20, backend="hadacore", options=QUANT)
+    assert torch.equal(dec.generate(prompt, 12).tokens, ref)
+    assert hadacore.stats()["graphs_compiled"] == 2  # prefill and decode

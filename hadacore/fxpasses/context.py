@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from hadacore.options import CompileOptions
+
 __all__ = ["LinearSite", "AttentionBlock", "PassContext", "is_call", "LINEAR_TARGETS", "SDPA_TARGETS"]
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
@@ -94,7 +96,7 @@ class AttentionBlock:
 class PassContext:
     """State shared by the passes of one backend call."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: dict[str, Any]):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: CompileOptions):
         self.gm = gm
         self.graph = gm.graph
         self.options = options

@@ -58,7 +58,7 @@ def _fuse_sdpa(ctx: PassContext, block: AttentionBlock, hq: fx.Node, hk: fx.Node
 
 
 def fp8_attention(ctx: PassContext) -> None:
-    if not ctx.options["fp8_attention"]:
+    if not ctx.options.fp8_attention:
         return
     import hadacore.lowering.fp8_attention  # noqa: F401  (registers hadacore::fp8_attention)
 

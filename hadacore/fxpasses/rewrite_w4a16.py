@@ -19,10 +19,6 @@ from hadacore.fxpasses.stats import bump, skip
 log = logging.getLogger("hadacore.compiler")
 
 
-def split_k_arg(options: dict) -> int:
-    return 0 if options["split_k"] == "auto" else int(options["split_k"])
-
-
 def gptq_arg_nodes(ctx: PassContext, site: LinearSite, before: fx.Node) -> dict[str, fx.Node | None]:
     """Graph nodes holding the site's GPTQ tensors; new constants if a pass changed them."""
     if site.gptq_nodes is not None:
@@ -51,7 +47,7 @@ def emit_w4a16(ctx: PassContext, site: LinearSite, x: fx.Node, before: fx.Node, 
         node = ctx.graph.call_function(
             torch.ops.hadacore.w4a16_gemm.default,
             (x, nodes["qweight"], nodes["qzeros"], nodes["scales"], nodes["g_idx"], bias, site.group_size,
-             split_k_arg(ctx.options), bool(ctx.options["deterministic"])),
+             ctx.options.split_k, ctx.options.deterministic),
         )
     return node
 

@@ -205,7 +205,7 @@ def _r3(ctx: PassContext, block: AttentionBlock) -> None:
         k_consumer = anchor.args[1]  # the transpose of K
         anchor = k_consumer
     d = block.head_dim
-    writes, why = _cache_writes(block.k, d, k_consumer) if ctx.options["rotated_kv_cache"] else ([], "")
+    writes, why = _cache_writes(block.k, d, k_consumer) if ctx.options.rotated_kv_cache else ([], "")
     if why:
         raise ValueError(f"hadacore: rotated_kv_cache: cannot rotate K where {block.name} writes its KV cache: "
                          f"{why}. Other graphs may store rotated keys in the same cache, so rotating K as "
@@ -223,7 +223,7 @@ def _r3(ctx: PassContext, block: AttentionBlock) -> None:
                 w.update_arg(3, hk)
     else:
         hq = insert_hadamard(ctx, block.q, d, anchor)
-        if ctx.options["fp8_attention"]:  # the FP8 pass fuses R3 with the quantization of K as attention reads it
+        if ctx.options.fp8_attention:  # the FP8 pass fuses R3 with the quantization of K as attention reads it
             hk = k_in = insert_hadamard(ctx, block.k, d, anchor)
         else:  # R3 before the GQA repeat: heads/kv_heads times less work on the (whole, cached) K
             hk, k_in = _rotated_before_repeat(ctx, block.k, d, anchor)
@@ -233,8 +233,8 @@ def _r3(ctx: PassContext, block: AttentionBlock) -> None:
 
 
 def rotate_online(ctx: PassContext) -> None:
-    r4 = ctx.options["rotate"] == "online"
-    r3 = r4 or ctx.options["fp8_attention"]
+    r4 = ctx.options.rotate == "online"
+    r3 = r4 or ctx.options.fp8_attention
     if r4:
         for mlp in ctx.mlps:
             _rotate_down_proj(ctx, mlp)
