@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hadacore.hadamard import hadamard_factors
-from hadacore.quant.format import check_gptq_tensors, dequantize_gptq
+from hadacore.quant.format import check_gptq_tensors, check_gptq_values, dequantize_gptq
 
 __all__ = ["hadamard_transform", "block_hadamard_transform", "w4a16_matmul"]
 
@@ -36,9 +36,25 @@ def check_hadamard_args(x: Tensor, signs: Optional[Tensor], perm: Optional[Tenso
     hadamard_factors(int(n))
     if signs is not None and (signs.shape != (n,) or signs.device != x.device):
         raise ValueError(f"signs must be a [{n}] tensor on {x.device}, got {tuple(signs.shape)} on {signs.device}")
-    if perm is not None and (perm.shape != (n,) or perm.dtype.is_floating_point or perm.device != x.device):
-        raise ValueError(f"perm must be an integer [{n}] tensor on {x.device}")
+    if perm is not None and (perm.shape != (n,) or perm.dtype.is_floating_point or perm.dtype == torch.bool
+                             or perm.is_complex() or perm.device != x.device):
+        raise ValueError(f"perm must be an integer [{n}] tensor on {x.device}, got {perm.dtype} "
+                         f"{tuple(perm.shape)} on {perm.device}")
     return n
+
+
+def check_perm_values(perm: Optional[Tensor], n: int) -> None:
+    """Every ``perm`` index must lie in ``[0, n)``: a negative one would silently wrap around
+    on some paths and an index past the end would read out of bounds on others. CPU raises
+    ``ValueError``; CUDA asserts on the device (no host sync, so it is safe inside CUDA graphs)."""
+    if perm is None or perm.numel() == 0:
+        return
+    if perm.device.type == "cuda":
+        torch._assert_async(((perm >= 0) & (perm < n)).all(), f"hadacore::hadamard: perm values must lie in [0, {n})")
+        return
+    lo, hi = int(perm.min()), int(perm.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"perm has values in [{lo}, {hi}]; they must lie in [0, {n})")
 
 
 @torch.library.custom_op("hadacore::hadamard", mutates_args=())
@@ -51,7 +67,7 @@ def hadamard(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm
     """
     from hadacore.lowering.hadamard import hadamard_native
 
-    check_hadamard_args(x, signs, perm)
+    check_perm_values(perm, check_hadamard_args(x, signs, perm))
     return hadamard_native(x, scale, signs, perm)
 
 
@@ -60,7 +76,7 @@ def _hadamard_cuda(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None
     from hadacore.kernels.hadamard import hadamard_triton
     from hadacore.lowering.hadamard import hadamard_native
 
-    check_hadamard_args(x, signs, perm)
+    check_perm_values(perm, check_hadamard_args(x, signs, perm))
     if x.dtype == torch.float64:  # tensor cores have no fp64 path; the factored matmuls do
         return hadamard_native(x, scale, signs, perm)
     return hadamard_triton(x, scale, signs=signs, perm=perm)
@@ -142,7 +158,9 @@ def w4a16_gemm(
 def _w4a16_gemm_cuda(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k=0, deterministic=False):
     from hadacore.kernels.w4a16 import w4a16_matmul_triton
 
-    check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
+    _, _, groups = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
+    if g_idx is not None:  # on the device, no host sync (safe inside CUDA graphs); CPU checks in dequantize
+        torch._assert_async(((g_idx >= 0) & (g_idx < groups)).all(), f"w4a16_gemm: g_idx values must lie in [0, {groups})")
     return w4a16_matmul_triton(
         x, qweight, qzeros, scales, g_idx, group_size=group_size, bias=bias,
         split_k=split_k or "auto", deterministic=deterministic,
@@ -209,6 +227,8 @@ def w4a16_matmul(
         split_k = 0
     elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be 'auto' or a positive int, got {split_k!r}")
+    if not torch.compiler.is_compiling():  # values are data: traced graphs check them in the op
+        check_gptq_values(qweight, qzeros, scales, g_idx, group_size, name="w4a16_matmul")
     return w4a16_gemm(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k, deterministic)
 
 

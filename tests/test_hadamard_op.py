@@ -67,11 +67,17 @@ def test_signs_and_perm_on_strided_input() -> None:
         (torch.ones(63), None, "signs must be a \\[64\\]"),
         (None, torch.arange(32), "perm must be an integer \\[64\\]"),
         (None, torch.arange(64).float(), "perm must be an integer"),
+        (None, torch.ones(64, dtype=torch.bool), "perm must be an integer \\[64\\] tensor on cpu, got torch.bool"),
+        (None, torch.arange(64) - 1, r"perm has values in \[-1, 62\]; they must lie in \[0, 64\)"),
+        (None, torch.arange(64) + 1, r"perm has values in \[1, 64\]; they must lie in \[0, 64\)"),
     ),
 )
-def test_bad_signs_or_perm(signs, perm, match: str) -> None:
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))  # two CPU paths (blocked fp32, dense bf16)
+def test_bad_signs_or_perm(signs, perm, match: str, dtype) -> None:
+    """One validation, the same on every path (issue 13.10): a bool perm once gathered
+    column 1 everywhere, and a negative one wrapped around in bf16 but raised in fp32."""
     with pytest.raises(ValueError, match=match):
-        hadamard_op(torch.randn(2, 64), 1.0, signs, perm)
+        hadamard_op(torch.randn(2, 64, dtype=dtype), 1.0, signs, perm)
 
 
 def test_fake_impl_matches_real_metadata() -> None:

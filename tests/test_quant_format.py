@@ -95,7 +95,7 @@ def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="multiples of 8"):
         pack_gptq(q, torch.ones(1, 8), torch.full((1, 8), 8))
     q = torch.full((8, 16), 16, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"intweight values must lie in \[0, 15\]"):
+    with pytest.raises(ValueError, match=r"intweight values lie in \[16, 16\]; they must lie in \[0, 15\]"):
         pack_gptq(q, torch.ones(1, 8), torch.full((1, 8), 8))
     with pytest.raises(ValueError, match="g_idx"):
         pack_gptq(q.clamp(max=15), torch.ones(2, 8), torch.full((2, 8), 8), torch.full((16,), 2))

@@ -200,6 +200,13 @@ def test_bad_inputs():
         hadacore.w4a16_matmul(x.to("meta"), *args, group_size=32)
     with pytest.raises(ValueError, match="split_k"):
         hadacore.w4a16_matmul(x, *args, group_size=32, split_k=0)
+    for bad, shown in ((-1, r"\[-1, 3\]"), (4, r"\[0, 4\]")):  # issue 13.8: one validation, naming the range
+        g = t["g_idx"].clone()
+        g[7] = bad
+        with pytest.raises(ValueError, match=r"w4a16_matmul: g_idx has values in " + shown + r"; they must lie in \[0, 4\)"):
+            hadacore.w4a16_matmul(x, *args[:3], g, group_size=32)
+        with pytest.raises(ValueError, match=r"g_idx has values in " + shown):
+            prepare_w4a16_cpu(*args[:3], g, 32)
     p = prepare_w4a16_cpu(*args, 32)
     with pytest.raises(ValueError, match="x is on meta but packed is on cpu"):
         p(x.to("meta"))

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hadacore.quant.format import check_gptq_tensors, dequantize_gptq, unpack_gptq
+from hadacore.quant.format import check_gptq_values, dequantize_gptq, unpack_gptq
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def prepare_w4a16_cpu(
     """
     if not int4 and dense is False:
         raise ValueError("prepare_w4a16_cpu: int4=False with dense=False leaves no weight")
-    n, k, _ = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
+    n, k, _ = check_gptq_values(qweight, qzeros, scales, g_idx, group_size, bits=bits)
     if qweight.device.type != "cpu":
         raise ValueError(f"prepare_w4a16_cpu needs CPU tensors, got {qweight.device}")
     if bias is not None and (bias.shape != (n,) or not bias.dtype.is_floating_point):

@@ -23,7 +23,11 @@ import sys
 
 import torch
 
-__all__ = ["pack_gptq", "unpack_gptq", "dequantize_gptq", "check_gptq_tensors", "default_g_idx", "pack_rows", "unpack_rows"]
+__all__ = [
+    "pack_gptq", "unpack_gptq", "dequantize_gptq", "check_gptq_tensors", "check_gptq_values", "check_g_idx_range",
+    "default_g_idx",
+    "pack_rows", "unpack_rows", "concat_output_rows",
+]
 
 _FORMATS = ("gptq", "gptq_v2")
 
@@ -37,6 +41,10 @@ def _check_bits(bits: int) -> int:
 def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
     """int64 values in [0, 2**32) -> int32 with the same bit pattern."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _range(t: torch.Tensor) -> str:
+    return f"[{int(t.min())}, {int(t.max())}]"
 
 
 def pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,8 +118,12 @@ def pack_gptq(
             f"scales and zeros must both be [G, N={n}], got {tuple(scales.shape)} and {tuple(zeros.shape)}"
         )
     maxq = (1 << bits) - 1
+    if intweight.is_floating_point() and not bool(torch.isfinite(intweight).all()):
+        raise ValueError("intweight has non-finite values (NaN or Inf): the weight it was quantized from was not finite")
     if intweight.numel() and (int(intweight.min()) < 0 or int(intweight.max()) > maxq):
-        raise ValueError(f"intweight values must lie in [0, {maxq}]")
+        raise ValueError(f"intweight values lie in {_range(intweight)}; they must lie in [0, {maxq}]")
+    if scales.is_floating_point() and not bool(torch.isfinite(scales).all()):
+        raise ValueError("scales has non-finite values (NaN or Inf): the weight it was quantized from was not finite")
     lo, hi = (1, maxq + 1) if checkpoint_format == "gptq" else (0, maxq)
     if zeros.numel() and (int(zeros.min()) < lo or int(zeros.max()) > hi):
         hint = (
@@ -124,8 +136,10 @@ def pack_gptq(
         if k % groups:
             raise ValueError(f"K ({k}) is not a multiple of the {groups} groups; pass g_idx")
         g_idx = torch.arange(k, device=intweight.device) // (k // groups)
-    if g_idx.shape != (k,) or (k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups)):
-        raise ValueError(f"g_idx must be [K={k}] with values in [0, {groups})")
+    if g_idx.shape != (k,) or g_idx.dtype.is_floating_point or g_idx.dtype == torch.bool:
+        raise ValueError(f"g_idx must be an integer [K={k}] tensor, got {g_idx.dtype} {tuple(g_idx.shape)}")
+    if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ValueError(f"g_idx has values in {_range(g_idx)}; they must lie in [0, {groups})")
     stored = zeros.to(torch.int64) - (1 if checkpoint_format == "gptq" else 0)
     return {
         "qweight": pack_rows(intweight.t(), bits),
@@ -190,7 +204,8 @@ def check_gptq_tensors(
         raise ValueError(f"K ({k}) must be a multiple of group_size ({group_size}), and of {per}")
     elif g_idx is None and groups != k // group_size:
         raise ValueError(f"K={k} with group_size={group_size} needs {k // group_size} groups, scales has {groups}")
-    if g_idx is not None and (g_idx.dim() != 1 or g_idx.shape[0] != k or g_idx.dtype.is_floating_point):
+    if g_idx is not None and (g_idx.dim() != 1 or g_idx.shape[0] != k or g_idx.dtype.is_floating_point
+                              or g_idx.dtype == torch.bool):
         raise ValueError(f"g_idx must be an integer [K={k}] tensor, got {g_idx.dtype} {tuple(g_idx.shape)}")
     if x is not None:
         if x.shape[-1] != k:
@@ -202,6 +217,39 @@ def check_gptq_tensors(
                 raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
+    return n, k, groups
+
+
+def check_g_idx_range(g_idx: torch.Tensor, groups: int, name: str = "GPTQ weight") -> None:
+    """``0 <= g_idx < groups``: a negative index would wrap around to another group's scale."""
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ValueError(f"{name}: g_idx has values in {_range(g_idx)}; they must lie in [0, {groups}) "
+                         f"(the {groups} groups of scales)")
+
+
+def check_gptq_values(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    group_size: int,
+    *,
+    bits: int = 4,
+    name: str = "GPTQ weight",
+) -> tuple[int, int, int]:
+    """:func:`check_gptq_tensors` plus the checks that need the values; return ``(N, K, G)``.
+
+    ``g_idx`` must name groups that exist (``0 <= g_idx < G``; a negative index would wrap
+    around to another group's scale) and the scales must be finite. Every entry point that
+    takes GPTQ tensors from outside runs this once (``w4a16_matmul``, loading, preparing a
+    layer's fast path); errors name the layer (``name``) and the bad range.
+    """
+    n, k, groups = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
+    if g_idx is not None:
+        check_g_idx_range(g_idx, groups, name)
+    if scales.numel() and not bool(torch.isfinite(scales).all()):
+        bad = int((~torch.isfinite(scales)).sum())
+        raise ValueError(f"{name}: scales has {bad} non-finite value(s) (NaN or Inf)")
     return n, k, groups
 
 
@@ -221,7 +269,7 @@ def dequantize_gptq(
     ``(q - zero) * scale`` is formed in fp32 with one rounding (the product), then cast:
     the reference every kernel is compared against.
     """
-    n, k, groups = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, bits=bits)
+    n, k, groups = check_gptq_values(qweight, qzeros, scales, g_idx, group_size, bits=bits)
     if checkpoint_format not in _FORMATS:
         raise ValueError(f"checkpoint_format must be one of {_FORMATS}, got {checkpoint_format!r}")
     zeros = unpack_rows(qzeros.t(), bits).t().float()  # [G, N]
@@ -245,3 +293,25 @@ def dequantize_gptq(
             w.sub_(zeros_t[r0:r1, gi]).mul_(scales_t[r0:r1, gi])
         out[r0:r1] = w
     return out
+
+
+def concat_output_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One GPTQ weight whose output rows are ``parts`` stacked (e.g. fused q/k/v, gate/up).
+
+    Every part must share K, the group assignment ``g_idx`` and the scale dtype; N of each
+    part is a multiple of 8, so packed ``qzeros`` words never straddle two parts.
+    """
+    if not parts:
+        raise ValueError("concat_output_rows needs at least one part")
+    first = parts[0]
+    for p in parts[1:]:
+        if p["qweight"].shape[0] != first["qweight"].shape[0] or p["scales"].dtype != first["scales"].dtype:
+            raise ValueError("parts differ in K or in scale dtype")
+        if not torch.equal(p["g_idx"], first["g_idx"]):
+            raise ValueError("parts have different g_idx (group assignments); cannot share one GEMM")
+    return {
+        "qweight": torch.cat([p["qweight"] for p in parts], dim=1),
+        "qzeros": torch.cat([p["qzeros"] for p in parts], dim=1),
+        "scales": torch.cat([p["scales"] for p in parts], dim=1),
+        "g_idx": first["g_idx"].clone(),
+    }

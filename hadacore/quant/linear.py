@@ -16,7 +16,7 @@ from torch import nn
 
 import hadacore.ops  # noqa: F401  (registers torch.ops.hadacore.*)
 from hadacore.ops import block_hadamard_transform
-from hadacore.quant.format import check_gptq_tensors, default_g_idx
+from hadacore.quant.format import check_gptq_values, default_g_idx
 from hadacore.quant.rtn import rtn_gptq_tensors
 
 if TYPE_CHECKING:
@@ -71,12 +71,15 @@ class QuantLinear(nn.Module):
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], *, group_size: int, bits: int = 4,
         bias: torch.Tensor | None = None, online_hadamard: bool = False, hadamard_block: int | None = None,
+        name: str = "QuantLinear",
     ) -> "QuantLinear":
-        """Wrap GPTQ tensors (``qweight``, ``qzeros``, ``scales``, optional ``g_idx``)."""
+        """Wrap GPTQ tensors (``qweight``, ``qzeros``, ``scales``, optional ``g_idx``), validated
+        (:func:`~hadacore.quant.format.check_gptq_values`; ``name`` goes into the errors)."""
         g_idx = tensors.get("g_idx")
-        n, k, _ = check_gptq_tensors(
-            tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, group_size, bits=bits, bias=bias
-        )
+        n, k, _ = check_gptq_values(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, group_size,
+                                    bits=bits, name=name)
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+            raise ValueError(f"{name}: bias must be [N={n}], got {tuple(bias.shape)}")
         _check_hadamard_block(k, online_hadamard, hadamard_block)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
