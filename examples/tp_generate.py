@@ -8,8 +8,8 @@
 Every rank loads only its shard (``hadacore.load(path, tp_rank=, tp_size=)``), runs the
 same ``generate`` (logits are replicated after the row-parallel all-reduce, so every rank
 picks the same token) and rank 0 prints. Uses gloo on CPU and NCCL on CUDA. ``--tiny``
-writes a random tiny act-order checkpoint and checks the sharded greedy tokens against
-the single-process model.
+converts a random tiny Llama (GPTQ with act-order, R1/R2 + online R4, planned for the
+number of ranks) and checks the sharded greedy tokens against the single-process model.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ import hadacore
 def _generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def _tiny_checkpoint(path: str, tp: int) -> str:
+    """A random tiny Llama converted as a real model would be, planned for ``tp`` ranks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    hadacore.convert(LlamaForCausalLM(config), path, group_size=16, method="gptq", rotate="full", tp=tp,
+                     calibration=calibration, dtype=torch.float32)
+    return path
 
 
 def main() -> None:
@@ -52,14 +65,12 @@ def main() -> None:
     reference = None
     tmp = None
     if args.tiny:
-        from hadacore.distributed.testing import write_tiny_checkpoint
-
         # One rank writes the checkpoint; everyone learns where.
         holder = [None]
         if rank == 0:
             tmp = tempfile.TemporaryDirectory(prefix="hadacore_tp_tiny_")
-            reference = write_tiny_checkpoint(tmp.name, seed=0, group_size=16)
-            holder = [tmp.name]
+            holder = [_tiny_checkpoint(os.path.join(tmp.name, "ckpt"), tp=world)]
+            reference = hadacore.load(holder[0])
         if world > 1:
             dist.broadcast_object_list(holder, src=0)
         path = holder[0]
@@ -71,12 +82,7 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(path)
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
 
-    if world > 1:
-        from hadacore.distributed import load_sharded
-
-        model = load_sharded(path, tp_rank=rank, tp_size=world, device=device, strategy=args.strategy)
-    else:
-        model = hadacore.load(path, device=device)
+    model = hadacore.load(path, tp_rank=rank, tp_size=world, device=device, strategy=args.strategy)
     out = _generate(model, ids.to(device), args.max_new_tokens)
 
     if rank == 0:

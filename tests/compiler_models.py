@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import hadacore.ops  # noqa: F401
-from hadacore.backend import validate_options
+from hadacore.options import CompileOptions
 from hadacore.fxpasses import PassContext, run_passes
 from hadacore.lowering.fx import lower
 from hadacore.quant.linear import QuantLinear
-from hadacore.quant.permute import permute_input_columns
+from hadacore.quant.act_order import permute_input_columns
 from hadacore.quant.rtn import rtn_gptq_tensors
 
 
@@ -137,7 +137,7 @@ def apply_passes(gm, example_inputs, *, lowering: bool = False, **options) -> Pa
     captured graph in place; return the context. Without lowering the graph computes with
     the exact generic ops, so pass tests can hold fp32 tolerances."""
     with torch.no_grad():
-        ctx = PassContext(gm, example_inputs, validate_options(options))
+        ctx = PassContext(gm, example_inputs, CompileOptions.from_mapping(options))
         run_passes(ctx)
         if lowering:
             lower(ctx)

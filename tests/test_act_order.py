@@ -1,17 +1,18 @@
-"""Permuting, concatenating and sharding GPTQ tensors: exact rearrangements of W."""
+"""Act-order, concatenating and reading shards of GPTQ tensors: exact rearrangements of W."""
 
 import pytest
 import torch
 
-from hadacore.quant.format import dequantize_gptq, pack_gptq
-from hadacore.quant.permute import (
+from hadacore.checkpoint.read import DictSource, read_gptq
+from hadacore.quant.act_order import (
     act_order_perm,
-    concat_output_rows,
+    fold_into_gate_up,
     is_sorted_by_group,
     permute_input_columns,
     permute_output_rows,
-    shard_gptq,
+    sort_by_group,
 )
+from hadacore.quant.format import concat_output_rows, dequantize_gptq, pack_gptq
 
 N, K, GS = 64, 256, 32
 
@@ -39,8 +40,8 @@ def gen():
 def test_input_permutation_sorts_groups_and_keeps_the_product(gen):
     t = _act_order_tensors(gen)
     assert not is_sorted_by_group(t["g_idx"])
-    perm = act_order_perm(t["g_idx"])
-    tp = permute_input_columns(t, perm)
+    tp, perm = sort_by_group(t)
+    assert torch.equal(perm, act_order_perm(t["g_idx"])) and sort_by_group(tp)[1] is None
     assert is_sorted_by_group(tp["g_idx"])
     torch.testing.assert_close(_w(tp), _w(t)[:, perm], rtol=0, atol=0)
     x = torch.randn(3, K, dtype=torch.float64, generator=gen)
@@ -58,8 +59,7 @@ def test_mlp_fold_removes_the_gather(gen):
     hidden, inter = 64, 128
     gate, up = (_act_order_tensors(gen, n=inter, k=hidden) for _ in range(2))
     down = _act_order_tensors(gen, n=hidden, k=inter)
-    perm = act_order_perm(down["g_idx"])
-    gate_p, up_p, down_p = permute_output_rows(gate, perm), permute_output_rows(up, perm), permute_input_columns(down, perm)
+    gate_p, up_p, down_p = fold_into_gate_up(gate, up, down)
     x = torch.randn(5, hidden, dtype=torch.float64, generator=gen)
     ref = (torch.nn.functional.silu(x @ _w(gate).T) * (x @ _w(up).T)) @ _w(down).T
     out = (torch.nn.functional.silu(x @ _w(gate_p).T) * (x @ _w(up_p).T)) @ _w(down_p).T
@@ -88,9 +88,10 @@ def test_shards_reassemble(gen, world, act_order):
     if not act_order:
         t = permute_input_columns(t, act_order_perm(t["g_idx"]))
     w = _w(t)
-    cols = [_w(shard_gptq(t, dim="out", rank=r, world_size=world)) for r in range(world)]
+    src = DictSource({f"w.{k}": v for k, v in t.items()})
+    cols = [_w(read_gptq(src, "w", out_index=torch.arange(r * N // world, (r + 1) * N // world))) for r in range(world)]
     torch.testing.assert_close(torch.cat(cols, 0), w, rtol=0, atol=0)
-    rows = [shard_gptq(t, dim="in", rank=r, world_size=world) for r in range(world)]
+    rows = [read_gptq(src, "w", in_index=torch.arange(r * K // world, (r + 1) * K // world)) for r in range(world)]
     torch.testing.assert_close(torch.cat([_w(s) for s in rows], 1), w, rtol=0, atol=0)
     if not act_order:  # group-aligned sorted shards own exactly their groups
         assert all(s["scales"].shape[0] == K // GS // world for s in rows)
@@ -100,7 +101,5 @@ def test_bad_inputs(gen):
     t = _act_order_tensors(gen)
     with pytest.raises(ValueError, match="permutation"):
         permute_input_columns(t, torch.zeros(K, dtype=torch.int64))
-    with pytest.raises(ValueError, match="dim"):
-        shard_gptq(t, dim="rows", rank=0, world_size=2)
-    with pytest.raises(ValueError, match="does not split"):
-        shard_gptq(_act_order_tensors(gen, n=48), dim="out", rank=0, world_size=4)  # 12 each: not a multiple of 8
+    with pytest.raises(ValueError, match="multiples of 8"):
+        read_gptq(DictSource({f"w.{k}": v for k, v in t.items()}), "w", out_index=torch.arange(12))

@@ -14,12 +14,13 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import hadacore  # noqa: E402
-from hadacore.convert import checkpoint  # noqa: E402
-from hadacore.convert.checkpoint import load, read_state_dict  # noqa: E402
+from hadacore.checkpoint import load  # noqa: E402
+from hadacore.checkpoint import write as checkpoint  # noqa: E402
+from hadacore.checkpoint.read import DictSource, read_gptq  # noqa: E402
 from hadacore.convert.pipeline import ConvertOptions, quantize_model, rotate_model  # noqa: E402
 from hadacore.quant.format import dequantize_gptq  # noqa: E402
 from hadacore.quant.linear import QuantLinear  # noqa: E402
-from hadacore.quant.permute import is_sorted_by_group, shard_gptq  # noqa: E402
+from hadacore.quant.act_order import is_sorted_by_group  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV, LAYERS, VOCAB = 64, 128, 4, 2, 2, 256  # head_dim 16
 
@@ -121,10 +122,13 @@ def test_convert_save_load_roundtrip(model, calib, tokens, tmp_path, method, rot
     assert rel(logits(loaded, tokens), logits(model, tokens)) < 0.2
     config = json.loads((out / "config.json").read_text())
     qc, hc = config["quantization_config"], config["hadacore"]
-    assert qc == {**qc, "quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True,
-                  "checkpoint_format": "gptq", "desc_act": method == "gptq"}
-    assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
-    assert hc["online"] == {"r4_down_proj": rotate == "full", "r3_qk": False}
+    online = rotate == "full"  # other loaders must refuse a checkpoint that needs online rotations
+    assert qc == {**qc, "quant_method": "hadacore" if online else "gptq", "bits": 4, "group_size": group_size,
+                  "sym": True, "checkpoint_format": "gptq", "desc_act": method == "gptq"}
+    assert config["tie_word_embeddings"] is False
+    assert (config["model_type"], config["architectures"]) == (
+        ("hadacore_llama", ["HadacoreLlamaForCausalLM"]) if online else ("llama", ["LlamaForCausalLM"]))
+    assert hc["online"] == {"r4_down_proj": online, "r3_qk": False} and hc["base_model_type"] == "llama"
     assert hc["rotations"]["r1"] == (rotate != "none") and hc["tp_planned"] == tp
     assert hc["r4_block_size"] == (INTER // tp if rotate == "full" else None)
     down = loaded.model.layers[0].mlp.down_proj
@@ -180,7 +184,7 @@ def test_gptq_options_reach_the_quantizer_and_config(model, calib, tokens, tmp_p
                      dtype=torch.float32, **option)
     config = json.loads((out / "config.json").read_text())
     qm = _quantize(model, calib, rotate="full", **option)
-    assert config["quantization_config"] == qm.quantization_config()
+    assert config == json.loads(json.dumps(qm.checkpoint_config("in-memory LlamaForCausalLM", "token ids").to_json()))
     assert config["quantization_config"]["sym"] is option.get("sym", True)
     assert config["quantization_config"]["static_groups"] is option.get("static_groups", False)
     assert config["hadacore"]["gptaq"] == ({"alpha": option.get("gptaq_alpha", 0.25)} if "gptaq" in option else None)
@@ -213,7 +217,9 @@ def test_gptq_beats_rtn_end_to_end(model, calib, tokens):
 def test_fp16_checkpoint_is_standard_gptq(model, tmp_path):
     out = tmp_path / "fp16"
     hadacore.convert(model, out, method="rtn", rotate="none", group_size=32)
-    state = read_state_dict(out)
+    from safetensors.torch import load_file
+
+    state = load_file(out / "model.safetensors")
     q = state["model.layers.0.self_attn.q_proj.qweight"]
     assert q.dtype == torch.int32 and q.shape == (HIDDEN // 8, HEADS * 16)
     assert state["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float16
@@ -246,7 +252,8 @@ def test_tp_shards_reassemble_and_are_self_contained(calib, tp):
         assert down.hadamard_block == INTER // tp
         t = {k: getattr(down, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
         full_w = dequantize_gptq(*t.values(), gs, 4)
-        shards = [shard_gptq(t, dim="in", rank=r, world_size=tp) for r in range(tp)]
+        shards = [read_gptq(DictSource({f"w.{k}": v for k, v in t.items()}), "w",
+                            in_index=torch.arange(r * INTER // tp, (r + 1) * INTER // tp)) for r in range(tp)]
         per = INTER // tp
         for r, s in enumerate(shards):  # shard-local act-order: each shard owns exactly its groups
             assert s["scales"].shape[0] == per // gs
@@ -256,7 +263,9 @@ def test_tp_shards_reassemble_and_are_self_contained(calib, tp):
         for name in ("gate_proj", "up_proj"):  # column-parallel shards reassemble exactly
             lin = getattr(layer.mlp, name)
             t = {k: getattr(lin, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-            parts = [shard_gptq(t, dim="out", rank=r, world_size=tp) for r in range(tp)]
+            n = t["scales"].shape[1]
+            parts = [read_gptq(DictSource({f"w.{k}": v for k, v in t.items()}), "w",
+                               out_index=torch.arange(r * n // tp, (r + 1) * n // tp)) for r in range(tp)]
             for k in ("qweight", "qzeros", "scales"):
                 assert torch.equal(torch.cat([p[k] for p in parts], dim=1), t[k])
 
@@ -315,6 +324,112 @@ def test_interrupted_conversion_leaves_no_output(model, tmp_path, monkeypatch):
         hadacore.convert(model, out, method="rtn", group_size=16)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # ...and the temporary directory is gone too
+
+
+def test_a_directory_made_at_out_during_a_conversion_survives(model, tmp_path, monkeypatch):
+    """Issue 13.1: without --force the final step never replaces anything; the error says
+    where the finished checkpoint was left, and it is whole."""
+    import hadacore.convert.pipeline as pipeline
+
+    out = tmp_path / "race2"
+    real = pipeline.quantize_model
+
+    def user_mkdirs_meanwhile(*a, **kw):
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "quantize_model", user_mkdirs_meanwhile)
+    with pytest.raises(FileExistsError, match=r"appeared while converting.*finished checkpoint is at (\S+race2\.converted-\w+)") as e:
+        hadacore.convert(model, out, method="rtn", group_size=16, dtype=torch.float32)
+    assert (out / "notes.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    kept = tmp_path / e.value.args[0].split("finished checkpoint is at ")[1].split(":")[0].rsplit("/", 1)[1]
+    assert kept.is_dir() and isinstance(load(kept), torch.nn.Module)
+
+
+def test_cli_reports_expected_failures_in_one_line_naming_the_file(model, tmp_path, capsys):
+    from hadacore.convert.cli import main
+
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    capsys.readouterr()
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    assert main([str(src), str(blocker / "out"), "--method", "rtn", "--group-size", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hadacore-convert: error: ") and str(blocker) in err[0], err
+    (src / "config.json").write_text("{ not json")
+    assert main([str(src), str(tmp_path / "o"), "--method", "rtn", "--group-size", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_to_replace_the_source_model(model, tmp_path):
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    with pytest.raises(ValueError, match="is the source model"):
+        hadacore.convert(src, src, method="rtn", group_size=16, force=True)
+    with pytest.raises(ValueError, match="holds it"):
+        hadacore.convert(src, tmp_path, method="rtn", group_size=16, force=True)
+    assert (src / "config.json").exists()
+
+
+def test_non_finite_source_weights_are_named_before_any_work(model, tmp_path):
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.model.embed_tokens.weight[3, 1] = float("inf")
+        bad.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    for method in ("rtn", "gptq"):
+        with pytest.raises(ValueError, match=r"non-finite values \(NaN or Inf\) in model\.embed_tokens\.weight \(1 of "
+                                             r"\d+\), model\.layers\.1\.mlp\.up_proj\.weight"):
+            hadacore.convert(bad, tmp_path / "o", method=method, group_size=16,
+                             calibration=torch.randint(0, VOCAB, (2, 16)))
+    assert not (tmp_path / "o").exists()
+
+
+def test_load_rejects_bad_g_idx_naming_the_layer_and_range(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "o"
+    hadacore.convert(model, out, method="rtn", group_size=16, dtype=torch.float32)
+    state = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    for bad, match in ((-1, r"g_idx has values in \[-1, \d+\]; they must lie in \[0, 8\)"),
+                       (8, r"g_idx has values in \[0, 8\]; they must lie in \[0, 8\)")):
+        g = state[name].clone()
+        g[5] = bad
+        save_file({**state, name: g}, out / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: " + match):
+            load(out)
+    (out / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        load(out)
+
+
+@pytest.mark.parametrize("edit", ["drop_hadacore_block", "plain_gptq_config", "r4_block_size"])
+def test_load_refuses_a_config_that_disagrees_with_its_tensors(model, calib, tmp_path, edit):
+    """A rotate=full checkpoint whose config lost or changed its online rotation would run
+    another model (0.26 off): the tensors carry the contract too, and loading fails."""
+    out = tmp_path / "o"
+    hadacore.convert(model, out, method="rtn", rotate="full", group_size=16, tp=2, dtype=torch.float32)
+    load(out)  # as written: fine
+    f = out / "config.json"
+    config = json.loads(f.read_text())
+    if edit == "drop_hadacore_block":
+        del config["hadacore"]
+    elif edit == "plain_gptq_config":  # made to look like a plain GPTQ checkpoint
+        del config["hadacore"]
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        config["quantization_config"]["quant_method"] = "gptq"
+    else:
+        config["hadacore"]["r4_block_size"] = INTER
+    f.write_text(json.dumps(config))
+    match = {"drop_hadacore_block": "disagree with the online rotations it declares",
+             "plain_gptq_config": "config.json and the tensors .* disagree",
+             "r4_block_size": "config.json and the tensors .* disagree"}[edit]
+    with pytest.raises(ValueError, match=match):
+        load(out)
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -415,15 +530,10 @@ def test_import_hadacore_does_not_import_transformers():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
-def test_load_tp_delegates_to_distributed(tmp_path, model, monkeypatch):
-    import hadacore.distributed
-
+def test_load_checks_its_tp_arguments(tmp_path, model):
     out = tmp_path / "o"
     hadacore.convert(model, out, method="rtn", group_size=16)
     with pytest.raises(ValueError, match="tp_rank"):
         load(out, tp_rank=1)
-    calls = []
-    monkeypatch.setattr(hadacore.distributed, "load_sharded", lambda path, **kw: calls.append((path, kw)) or "rank model")
-    assert load(out, tp_rank=1, tp_size=2) == "rank model"
-    assert load(out, tp_rank=1, tp_size=2, dtype=torch.bfloat16) == "rank model"
-    assert calls == [(out, {"tp_rank": 1, "tp_size": 2, "device": "cpu", "dtype": d}) for d in (None, torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="initialised default process group"):
+        load(out, tp_rank=1, tp_size=2)

@@ -12,7 +12,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("gensim")
 
 from hadacore import data  # noqa: E402
-from hadacore.convert.checkpoint import load  # noqa: E402
+from hadacore.checkpoint import load  # noqa: E402
 from hadacore.convert.cli import default_model_path, eval_main  # noqa: E402
 from hadacore.convert.evaluate import perplexity  # noqa: E402
 from hadacore.convert.pipeline import convert, rotate_model  # noqa: E402

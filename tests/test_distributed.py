@@ -22,17 +22,12 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hadacore.distributed import (
-    ShardLoadError,
-    build_parallel_mlp,
-    load_sharded,
-    plan_mlp_shard,
-    plan_tp_aware_mlp,
-)
-from hadacore.distributed.shard_io import SafetensorsSource, read_gptq
-from hadacore.distributed.testing import tiny_llama_config, write_tiny_checkpoint
+from hadacore.checkpoint import load
+from hadacore.checkpoint.read import DictSource, SafetensorsSource, read_gptq
+from hadacore.distributed import ShardLoadError, plan_mlp_shard
+from hadacore.quant.act_order import fold_into_gate_up, is_sorted_by_group
 from hadacore.quant.format import dequantize_gptq
-from hadacore.quant.permute import is_sorted_by_group, shard_gptq
+from tiny_checkpoints import tiny_llama_config, write_tiny_checkpoint
 
 GROUP = 16
 SPAWN_TIMEOUT_S = 240
@@ -153,14 +148,16 @@ def _checkpoints(root, tp: int) -> dict[str, str]:
 # --------------------------------------------------------------------------- single process
 
 
-def test_plan_tp_aware_mlp_matches_lead_helpers_and_loader(tmp_path):
-    """Offline plan + ``shard_gptq`` == what ``build_parallel_mlp`` reads at load time, bit for bit."""
+def test_shard_plans_read_the_slices_of_the_offline_fold(tmp_path):
+    """What a rank reads at load time (``plan_mlp_shard`` + ``read_gptq``) from an unplanned
+    act-order checkpoint == the contiguous shard of the offline TP-aware fold
+    (``fold_into_gate_up``), bit for bit; and the fold computes the same MLP."""
     path = str(tmp_path / "ck")
     write_tiny_checkpoint(path, seed=0, group_size=GROUP)
     src = SafetensorsSource(path)
     full = {p: read_gptq(src, f"model.layers.0.mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")}
     assert not is_sorted_by_group(full["down_proj"]["g_idx"])
-    gate, up, down = plan_tp_aware_mlp(full["gate_proj"], full["up_proj"], full["down_proj"])
+    gate, up, down = fold_into_gate_up(full["gate_proj"], full["up_proj"], full["down_proj"])
     assert is_sorted_by_group(down["g_idx"])
 
     def deq(t):
@@ -172,20 +169,21 @@ def test_plan_tp_aware_mlp_matches_lead_helpers_and_loader(tmp_path):
         return torch.nn.functional.silu(x @ deq(g).T) * (x @ deq(u).T) @ deq(d).T
 
     torch.testing.assert_close(mlp(gate, up, down), mlp(full["gate_proj"], full["up_proj"], full["down_proj"]), rtol=1e-12, atol=1e-12)
+    folded = DictSource({f"{n}.{k}": v for n, t in (("gate", gate), ("up", up), ("down", down)) for k, v in t.items()})
+    inter = 256
     for tp in (2, 4):
         for rank in range(tp):
-            g_r, u_r, d_r, plan = build_parallel_mlp(src, "model.layers.0.mlp", tp_rank=rank, tp_size=tp, group_size=GROUP)
+            plan = plan_mlp_shard(full["down_proj"]["g_idx"], tp_rank=rank, tp_size=tp, group_size=GROUP)
             assert plan.gather_index is None and plan.local_perm is None
-            assert torch.equal(g_r.linear.dequantized_weight(), deq(shard_gptq(gate, dim="out", rank=rank, world_size=tp)).float())
-            assert torch.equal(u_r.linear.dequantized_weight(), deq(shard_gptq(up, dim="out", rank=rank, world_size=tp)).float())
-            d_lead = shard_gptq(down, dim="in", rank=rank, world_size=tp)
-            assert torch.equal(d_r.linear.dequantized_weight(), deq(d_lead).float())
-            assert torch.equal(d_r.linear.g_idx, d_lead["g_idx"])  # a group-aligned shard keeps its own groups
-            # A checkpoint planned offline loads with contiguous slices and the same weights.
-            planned = {f"mlp.{n}.{k}": v for n, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)) for k, v in t.items()}
-            g_p, _, d_p, plan_p = build_parallel_mlp(planned, "mlp", tp_rank=rank, tp_size=tp, group_size=GROUP)
-            assert torch.equal(plan_p.gate_up_rows, torch.arange(rank * 256 // tp, (rank + 1) * 256 // tp))
-            assert torch.equal(g_p.linear.qweight, g_r.linear.qweight) and torch.equal(d_p.linear.qweight, d_r.linear.qweight)
+            mine = torch.arange(rank * inter // tp, (rank + 1) * inter // tp)
+            for name, lead in (("gate_proj", "gate"), ("up_proj", "up")):
+                got = read_gptq(src, f"model.layers.0.mlp.{name}", out_index=plan.gate_up_rows)
+                assert torch.equal(deq(got), deq(read_gptq(folded, lead, out_index=mine)))
+            got = read_gptq(src, "model.layers.0.mlp.down_proj", in_index=plan.down_cols)
+            lead = read_gptq(folded, "down", in_index=mine)
+            assert torch.equal(deq(got), deq(lead))
+            assert torch.equal(got["g_idx"], lead["g_idx"])  # a group-aligned shard keeps its own groups
+            assert lead["scales"].shape[0] == inter // tp // GROUP
 
 
 def test_plan_errors():
@@ -203,7 +201,7 @@ def test_plan_errors():
     assert naive.all_gathers and not aware.all_gathers
     assert torch.equal(naive.down_cols, aware.down_cols)  # same sorted down shard; only the producer differs
     with pytest.raises(RuntimeError, match="initialised default process group"):
-        load_sharded("/nonexistent", tp_rank=0, tp_size=2)
+        load("/nonexistent", tp_rank=0, tp_size=2)
 
 
 # --------------------------------------------------------------------------- tp = 2, 4
@@ -217,7 +215,7 @@ def _check_equivalence(rank: int, world: int, paths: dict[str, str]) -> None:
     ]
     for name, strategy in cases:
         ref = torch.load(os.path.join(paths[name], "reference.pt"))
-        model = load_sharded(paths[name], tp_rank=rank, tp_size=world, strategy=strategy)
+        model = load(paths[name], tp_rank=rank, tp_size=world, strategy=strategy)
         with torch.no_grad():
             logits = model(ref["ids"]).logits
             with OpCounter() as ops:
@@ -236,7 +234,7 @@ def _check_equivalence(rank: int, world: int, paths: dict[str, str]) -> None:
             assert ops["aten::index_select"] == 0 and ops["aten::index"] == 0, (where, ops.counts)
     # A global act-order cannot stay shard-local behind R4: every rank refuses, clearly.
     with pytest.raises(ShardLoadError, match="cross tp shards"):
-        load_sharded(paths["r4_global"], tp_rank=rank, tp_size=world, strategy="tp_aware")
+        load(paths["r4_global"], tp_rank=rank, tp_size=world, strategy="tp_aware")
 
 
 def _check_compiled(rank: int, world: int, path: str) -> None:
@@ -251,7 +249,7 @@ def _check_compiled(rank: int, world: int, path: str) -> None:
     ref = torch.load(os.path.join(path, "reference.pt"))
     for backend, tol in (("inductor", 1e-5), ("hadacore", 1e-2)):
         for strategy in ("naive", "tp_aware"):
-            mlp = load_sharded(path, tp_rank=rank, tp_size=world, strategy=strategy).model.layers[0].mlp
+            mlp = load(path, tp_rank=rank, tp_size=world, strategy=strategy).model.layers[0].mlp
             torch._dynamo.reset()
             hadacore.reset_stats()
             compiled = torch.compile(mlp, backend=backend, fullgraph=True)
@@ -270,7 +268,7 @@ def _check_converted(rank: int, world: int, path: str) -> None:
     """A checkpoint written by hadacore-convert (GPTQ act-order, R4, tp planned) == hadacore.load at tp=1."""
     ref = torch.load(os.path.join(path, "reference.pt"))
     for strategy in ("naive", "tp_aware"):
-        model = load_sharded(path, tp_rank=rank, tp_size=world, strategy=strategy)
+        model = load(path, tp_rank=rank, tp_size=world, strategy=strategy)
         with torch.no_grad():
             assert rel_err(model(ref["ids"]).logits, ref["logits"]) < 1e-5, strategy
             with OpCounter() as ops:
@@ -287,7 +285,7 @@ def _tp2_checks(rank: int, world: int, paths: dict[str, str], converted: str) ->
 def _tp4_checks(rank: int, world: int, paths: dict[str, str], kv2: str) -> None:
     _check_equivalence(rank, world, paths)
     with pytest.raises(ShardLoadError, match=r"rank\(s\) \[0, 1, 2, 3\].*num_key_value_heads \(2\)"):
-        load_sharded(kv2, tp_rank=rank, tp_size=world)
+        load(kv2, tp_rank=rank, tp_size=world)
 
 
 def _converted_checkpoint(root) -> str:
@@ -332,16 +330,16 @@ def _load_with_one_bad_rank_then_one_dead(rank: int, world: int, good: str, bad:
     # 1. rank 1's shard cannot be read: every rank raises, naming rank 1 and the cause.
     start = time.monotonic()
     with pytest.raises(ShardLoadError) as info:
-        load_sharded(bad if rank == 1 else good, tp_rank=rank, tp_size=world)
+        load(bad if rank == 1 else good, tp_rank=rank, tp_size=world)
     msg = str(info.value)
-    assert "rank(s) [1]" in msg and "model.safetensors is missing" in msg, msg
+    assert "rank(s) [1]" in msg and "has neither model.safetensors" in msg, msg
     assert time.monotonic() - start < PG_TIMEOUT_S
     # 2. rank 1 dies outright: rank 0 raises (gloo sees the closed connection) instead of hanging.
     if rank == 1:
         os._exit(3)
     start = time.monotonic()
     with pytest.raises(ShardLoadError, match="a rank crashed or the process group timed out"):
-        load_sharded(good, tp_rank=rank, tp_size=world)
+        load(good, tp_rank=rank, tp_size=world)
     assert time.monotonic() - start < PG_TIMEOUT_S
 
 

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 import hadacore
 from compiler_models import apply_passes, capture, count, HADAMARD, quantize_modules, rel_err, TinyLlamaBlock, W4A16
-from hadacore.quant.permute import is_sorted_by_group
+from hadacore.quant.act_order import is_sorted_by_group
 from hadacore.quant.rtn import rtn_gptq_tensors
 
 
@@ -44,15 +44,35 @@ def test_rotation_plus_quantization_matches_eager_reference():
     assert rel_err(gm(*inputs)[0], expect) < 1e-5  # R3 is exact; R4 + RTN = QuantLinear(online_hadamard)
 
 
-def test_group_size_not_dividing_k_is_left_alone():
+def test_group_size_not_dividing_k_is_an_error_naming_layers_and_sizes_that_fit():
+    """A requested quantization that cannot apply is never dropped silently (issue 13.6)."""
     block = TinyLlamaBlock().eval()
     x = torch.randn(1, 4, 64)
     gm, inputs = capture(block, x)
-    apply_passes(gm, inputs, quantize="w4a16", group_size=48)  # K=64 (most), K=128 (down): no
+    with pytest.raises(ValueError, match=r"cannot quantize 7 linear layer\(s\): .*q_proj: its input size K=64 is not "
+                                         r"a multiple of group_size 48.*Group sizes that fit every layer of this "
+                                         r"graph: \[32, 64, -1\]"):
+        apply_passes(gm, inputs, quantize="w4a16", group_size=48)  # K=64 (most), K=128 (down): no
+
+
+def test_skip_layers_keeps_named_layers_in_float_with_a_stats_entry():
+    block = TinyLlamaBlock().eval()
+    x = torch.randn(1, 4, 64)
+    gm, inputs = capture(block, x)
+    apply_passes(gm, inputs, quantize="w4a16", group_size=32, skip_layers=("*down_proj", "*o_proj"))
     s = hadacore.stats()
-    assert s["linear_quantized"] == 0 and s["skipped"] == {"K not a multiple of group_size 48": 7}
-    assert count(gm, W4A16) == 0
-    assert rel_err(gm(*inputs)[0], block(x)) < 1e-6
+    assert s["linear_quantized"] == 5 and s["skipped"]["matched skip_layers: kept in float"] == 2
+    assert count(gm, W4A16) == 2  # q/k/v and gate/up, each fused into one GEMM
+
+
+def test_non_finite_weight_is_an_error_naming_the_layer():
+    block = TinyLlamaBlock().eval()
+    with torch.no_grad():
+        block.up_proj.weight[3, 5] = float("nan")
+    x = torch.randn(1, 4, 64)
+    gm, inputs = capture(block, x)
+    with pytest.raises(ValueError, match=r"up_proj: its weight has 1 non-finite value"):
+        apply_passes(gm, inputs, quantize="w4a16", group_size=32)
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["folded_into_gate_up", "fused_into_hadamard"])
@@ -140,7 +160,7 @@ def test_block_diagonal_online_hadamard_is_left_unfused_and_exact(act_order):
     one, and an act-order permutation cannot ride on its store; same numbers as eager."""
     from hadacore.ops import block_hadamard_transform
     from hadacore.quant.linear import QuantLinear
-    from hadacore.quant.permute import permute_input_columns
+    from hadacore.quant.act_order import permute_input_columns
 
     block = TinyLlamaBlock().eval()
     ref = quantize_modules(block, 32)

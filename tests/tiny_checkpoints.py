@@ -1,4 +1,4 @@
-"""Tiny random act-order GPTQ checkpoints for the TP tests and the ``--tiny`` example.
+"""Tiny random act-order GPTQ checkpoints for the TP and loader tests.
 
 They are built the way a converter would build them, without calibration data: RTN on
 the input columns taken in a random order (GPTQ act-order's storage: an unsorted
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from hadacore.checkpoint.config import ONLINE_METADATA_KEY, CheckpointConfig, GPTQSpec, OnlineRotations
+from hadacore.checkpoint.write import write_safetensors
 from hadacore.ops import block_hadamard_transform
 from hadacore.quant.format import pack_gptq
 from hadacore.quant.linear import QuantLinear
@@ -75,7 +78,6 @@ def write_tiny_checkpoint(
     ``r4_block``: rotate down_proj's weight by ``I (x) H_{r4_block}`` and record online R4.
     Every other linear gets a global act-order.
     """
-    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     if down_act_order not in ("global", "block"):
@@ -107,13 +109,10 @@ def write_tiny_checkpoint(
             q = QuantLinear.from_tensors(gptq, group_size=group_size, online_hadamard=block is not None, hadamard_block=block)
             setattr(parent, attr, q)
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
-    cfg = config.to_dict()
-    cfg["quantization_config"] = {
-        "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": True, "sym": True,
-        "checkpoint_format": "gptq",
-    }
-    cfg["hadacore"] = {"online": {"r4_down_proj": r4_block is not None}, "r4_block_size": r4_block}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
+    cfg = CheckpointConfig(
+        model=config.to_dict(), gptq=GPTQSpec(bits=4, group_size=group_size, sym=True, desc_act=True),
+        online=OnlineRotations(r4_block), dtype=torch.float32,
+    )
+    write_safetensors(tensors, Path(out_dir), metadata={ONLINE_METADATA_KEY: cfg.online.metadata()})
+    (Path(out_dir) / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
     return model

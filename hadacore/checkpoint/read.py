@@ -1,4 +1,4 @@
-"""Read one rank's slice of GPTQ tensors, from safetensors files or from memory.
+"""Reading checkpoint tensors: a whole tensor, or one rank's slice, from safetensors files or memory.
 
 A rank reads only the rows/columns it keeps: contiguous index ranges become one
 ``safe_open(...).get_slice(name)[a:b, c:d]``; scattered indices (a permutation that was
@@ -9,13 +9,14 @@ bit-exact rearrangement of the stored values.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Protocol
 
 import torch
 
-from hadacore.quant.format import pack_rows, unpack_rows
+from hadacore.checkpoint.config import read_json
+from hadacore.checkpoint.write import INDEX_FILE
+from hadacore.quant.format import check_g_idx_range, pack_rows, unpack_rows
 
 __all__ = ["TensorSource", "SafetensorsSource", "DictSource", "take", "read_gptq"]
 
@@ -43,38 +44,59 @@ class DictSource:
 
 
 class SafetensorsSource:
-    """A checkpoint directory: ``model.safetensors`` or an index ``model.safetensors.index.json``."""
+    """A checkpoint directory: ``model.safetensors`` or an index ``model.safetensors.index.json``.
+
+    Remembers which tensors were read (:attr:`unread` lists the others) and each file's
+    header metadata (:attr:`metadata`)."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         from safetensors import safe_open
 
         path = os.fspath(path)
-        index_file = os.path.join(path, "model.safetensors.index.json")
+        index_file = os.path.join(path, INDEX_FILE)
         if os.path.exists(index_file):
-            with open(index_file) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_file}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))
-        else:
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
             files = ["model.safetensors"]
             weight_map = None
+        else:
+            raise FileNotFoundError(f"{path} has neither model.safetensors nor {INDEX_FILE}")
         self._handles = {}
         self._where: dict[str, str] = {}
+        self.metadata: dict[str, dict] = {}  # file -> its header metadata
         for fname in files:
             full = os.path.join(path, fname)
             if not os.path.exists(full):
-                raise FileNotFoundError(f"checkpoint file {full} is missing")
-            handle = safe_open(full, framework="pt", device=device)
+                raise FileNotFoundError(f"missing weight shard {full}")
+            try:
+                handle = safe_open(full, framework="pt", device=device)
+            except Exception as e:  # safetensors' own error types for a corrupt header
+                raise ValueError(f"corrupt safetensors file {full}: {e}") from None
             self._handles[fname] = handle
+            self.metadata[full] = handle.metadata() or {}
             for key in handle.keys():
                 self._where[key] = fname
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._where))
             if missing:
-                raise KeyError(f"tensors listed in the index but absent from the files: {missing[:5]}")
+                raise ValueError(f"{index_file}: tensors listed in the index but absent from the files: {missing[:5]}")
+        self._read: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    @property
+    def unread(self) -> list[str]:
+        return sorted(set(self._where) - self._read)
 
     def _slice(self, name: str):
         if name not in self._where:
             raise KeyError(f"tensor {name!r} is not in the checkpoint")
+        self._read.add(name)
         return self._handles[self._where[name]].get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -166,11 +188,12 @@ def read_gptq(
     out_index = _as_index(out_index, n)
     if in_index.numel() % per or out_index.numel() % per:
         raise ValueError(f"{prefix}: a shard needs multiples of {per} rows and columns")
+    stored_groups = src.shape(f"{prefix}.scales")[0]
     if src.has(f"{prefix}.g_idx"):
         g_idx = take(src, f"{prefix}.g_idx", {0: in_index}).to(torch.int64)
+        check_g_idx_range(g_idx, stored_groups, prefix)
     else:
-        groups = src.shape(f"{prefix}.scales")[0]
-        g_idx = in_index // (k // groups)
+        g_idx = in_index // (k // stored_groups)
     groups = torch.unique(g_idx, sorted=True)
     out = {
         "qweight": _select_packed_rows(src, f"{prefix}.qweight", in_index, out_index, bits),

@@ -9,7 +9,7 @@ the package, so the package must behave as the function. Needs the ``hf`` extra.
 import sys
 import types
 
-from hadacore.convert.checkpoint import load
+from hadacore.checkpoint import load
 from hadacore.convert.pipeline import convert as _convert
 
 __all__ = ["convert", "load"]

@@ -35,6 +35,19 @@ def _group_size(s: str) -> int:
     return v
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for an expected failure, naming the file where there is one."""
+    if isinstance(e, OSError) and e.filename is not None:
+        what = e.strerror or type(e).__name__
+        files = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{what}: {files}"
+    return str(e) or type(e).__name__
+
+
+#: What the command lines report as one line and exit 2 (anything else is a bug: traceback).
+EXPECTED_ERRORS = (ValueError, TypeError, OSError)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("gensim").setLevel(logging.WARNING)  # its test-data module logs on import
@@ -48,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=_group_size, default=128, help="quantization group size along K; -1 = per-channel")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ act-order (desc_act)")
-    p.add_argument("--rotate", choices=("none", "offline", "full"), default="offline",
-                   help="none: plain GPTQ; offline: R1+R2 folded into weights; full: also R4 (online Hadamard on down_proj input)")
+    p.add_argument("--rotate", choices=("none", "offline", "online", "full"), default="offline",
+                   help="none: plain GPTQ; offline: R1+R2 folded into weights; online: R4 alone (online Hadamard on "
+                        "down_proj's input); full: offline + online. Online rotations load only in hadacore")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to plan act-order and R4 blocks for")
     p.add_argument("--calibration", default="packaged",
                    help="a text file, or a packaged text: 'packaged'/'lee' (gensim's lee_background.cor news), "
@@ -87,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             samples=a.samples, seqlen=a.seqlen, seed=a.seed, w_clip=a.w_clip, sym=a.sym, static_groups=a.static_groups,
             gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, percdamp=a.percdamp, force=a.force, dtype=getattr(torch, a.dtype),
         )
-    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as e:
-        print(f"hadacore-convert: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        print(f"hadacore-convert: error: {describe_error(e)}", file=sys.stderr)
         return 2
     log.info("done in %.1f s: %s", time.perf_counter() - t0, out)
     return 0
@@ -107,7 +121,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     import torch
 
     from hadacore import data
-    from hadacore.convert.checkpoint import load
+    from hadacore.checkpoint import load
     from hadacore.convert.evaluate import DEFAULT_PROMPTS, greedy_generate, perplexity
     from hadacore.convert.source import load_source
 
@@ -121,8 +135,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         else:
             src = load_source(path)
             model, tokenizer, what = src.model, src.tokenizer, "fp32 source"
-    except (ValueError, FileNotFoundError) as e:
-        print(f"hadacore-eval: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        print(f"hadacore-eval: error: {describe_error(e)}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     windows = data.eval_windows(tokenizer, seqlen=a.seqlen, windows=a.windows)

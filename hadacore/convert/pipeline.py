@@ -26,27 +26,30 @@ Act-order and tensor parallelism (DESIGN.md, "Act-order and TP-aware permutation
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from hadacore.checkpoint.config import CheckpointConfig, GPTQSpec, OnlineRotations
 from hadacore.convert.modules import OnlineHadamardLinear
 from hadacore.convert.rotate import fold_norms, random_signs, rotate_r1, rotate_r2, rotate_r4_weights
-from hadacore.convert.source import ModelShape, check_sizes, model_shape
+from hadacore.convert.source import ModelShape, check_finite, check_sizes, model_shape
 from hadacore.quant.gptq import HessianAccumulator, act_order_perm_from_hessian, gptq_quantize
 from hadacore.quant.linear import QuantLinear
-from hadacore.quant.permute import act_order_perm, permute_input_columns, permute_output_rows
+from hadacore.quant.act_order import fold_into_gate_up
 from hadacore.quant.rtn import rtn_gptq_tensors
+from hadacore.options import check_rotate
 
-__all__ = ["ConvertOptions", "QuantizedModel", "rotate_model", "quantize_model", "make_quant_linear", "FORMAT_VERSION"]
+__all__ = ["ConvertOptions", "QuantizedModel", "rotate_model", "quantize_model"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 METHODS = ("gptq", "rtn")
-ROTATIONS = ("none", "offline", "full")
+#: The converter's rotation settings (hadacore.options.ROTATIONS: the vocabulary the compiler shares).
+CONVERTER_ROTATIONS = ("none", "offline", "online", "full")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -85,8 +88,7 @@ class ConvertOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.rotate not in ROTATIONS:
-            raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        check_rotate(self.rotate, CONVERTER_ROTATIONS, "hadacore.convert")
         if self.bits not in (2, 4, 8):
             raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
@@ -108,6 +110,11 @@ class ConvertOptions:
     def uses_act_order(self) -> bool:
         return self.method == "gptq" and self.act_order
 
+    @property
+    def has_r4(self) -> bool:
+        """R4 on down_proj (weight offline, input online at run time)."""
+        return self.rotate in ("online", "full")
+
 
 @dataclass
 class QuantizedModel:
@@ -116,38 +123,39 @@ class QuantizedModel:
     options: ConvertOptions
     plan: dict = field(default_factory=dict)  # how act-order was handled per layer kind
 
-    def quantization_config(self) -> dict:
-        o = self.options
-        return {
-            "quant_method": "gptq",
-            "bits": o.bits,
-            "group_size": o.group_size,
-            "desc_act": o.uses_act_order,
-            "sym": o.sym,
-            "checkpoint_format": "gptq",
-            "true_sequential": True,
-            "damp_percent": o.percdamp,
-            "static_groups": o.static_groups,
-            "lm_head": False,
-        }
+    @property
+    def online(self) -> OnlineRotations:
+        """What the checkpoint's tensors need at run time: R4's block on down_proj's input."""
+        return OnlineRotations(self.shape.intermediate // self.options.tp if self.options.has_r4 else None)
 
-    def hadacore_config(self, source: str = "") -> dict:
-        o, s = self.options, self.shape
-        r4 = o.rotate == "full"
-        return {
-            "format_version": FORMAT_VERSION,
+    def checkpoint_config(self, source: str = "", calibration: str | None = None) -> CheckpointConfig:
+        """config.json of the converted model (``calibration``: what the GPTQ calibration
+        text was, recorded with the provenance)."""
+        o = self.options
+        model = self.model.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            model.pop(key, None)
+        model.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False)
+        gptq = GPTQSpec(
+            bits=o.bits, group_size=o.group_size, sym=o.sym, desc_act=o.uses_act_order, checkpoint_format="gptq",
+            extra=(("true_sequential", True), ("damp_percent", o.percdamp), ("static_groups", o.static_groups),
+                   ("lm_head", False)),
+        )
+        r12 = o.rotate in ("offline", "full")
+        provenance = {
             "source": source,
             "method": o.method,
-            "rotations": {"r1": o.rotate != "none", "r2": o.rotate != "none", "r4_weight": r4},
-            "r1": {"kind": "random_hadamard", "seed": o.seed} if o.rotate != "none" else None,
-            "online": {"r4_down_proj": r4, "r3_qk": False},
-            "r4_block_size": s.intermediate // o.tp if r4 else None,
+            "rotate": o.rotate,
+            "rotations": {"r1": r12, "r2": r12, "r4_weight": o.has_r4},
+            "r1": {"kind": "random_hadamard", "seed": o.seed} if r12 else None,
             "tp_planned": o.tp,
             "act_order": self.plan,
             "w_clip": o.w_clip,
             "gptaq": {"alpha": o.gptaq_alpha} if o.gptaq else None,
-            "calibration": {"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed} if o.method == "gptq" else None,
+            "calibration": ({"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed, "text": calibration}
+                            if o.method == "gptq" else None),
         }
+        return CheckpointConfig(model=model, gptq=gptq, online=self.online, dtype=o.dtype, provenance=provenance)
 
 
 # --------------------------------------------------------------------------- rotation
@@ -160,18 +168,11 @@ def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, tp: int = 1) -
     if rotate in ("offline", "full"):
         rotate_r1(model, random_signs(shape.hidden, seed))
         rotate_r2(model, shape.head_dim)
-    if rotate == "full":
+    if rotate in ("online", "full"):
         rotate_r4_weights(model, blocks=tp)
 
 
 # --------------------------------------------------------------------------- quantization
-
-
-def make_quant_linear(tensors: dict, *, bits: int, group_size: int, bias: torch.Tensor | None, r4_block: int | None) -> QuantLinear:
-    """The runtime layer for GPTQ tensors; ``r4_block`` = online R4 Hadamard block (None: no R4)."""
-    return QuantLinear.from_tensors(
-        tensors, group_size=group_size, bits=bits, bias=bias, online_hadamard=r4_block is not None, hadamard_block=r4_block
-    )
 
 
 class _Stop(Exception):
@@ -253,14 +254,17 @@ class _LayerQuantizer:
 
     def __init__(self, opts: ConvertOptions, shape: ModelShape):
         self.o, self.shape = opts, shape
-        self.r4_block = shape.intermediate // opts.tp if opts.rotate == "full" else None
+        self.r4_block = shape.intermediate // opts.tp if opts.has_r4 else None
 
     def _bias(self, lin: nn.Linear):
         return None if lin.bias is None else lin.bias.detach().to(self.o.dtype).clone()
 
     def _install(self, parent: nn.Module, name: str, tensors: dict, bias, r4: bool = False) -> None:
-        setattr(parent, name, make_quant_linear(
-            tensors, bits=self.o.bits, group_size=self.o.group_size, bias=bias, r4_block=self.r4_block if r4 else None
+        block = self.r4_block if r4 else None
+        k = tensors["qweight"].shape[0] * 32 // self.o.bits
+        setattr(parent, name, QuantLinear.from_tensors(
+            tensors, group_size=self.o.group_size, bits=self.o.bits, bias=bias, online_hadamard=block is not None,
+            hadamard_block=None if block == k else block, name=name,
         ))
 
     def _gptq(self, lin: nn.Linear, acc: HessianAccumulator, perm: torch.Tensor | None = None) -> dict:
@@ -324,10 +328,9 @@ class _LayerQuantizer:
         t = self._gptq(down, acc)
         if ordered and not per_channel:
             # TP-aware permutation: sort down's columns by group, fold the gather into gate/up.
-            p = act_order_perm(t["g_idx"])
-            t = permute_input_columns(t, p, o.bits)
-            for name, gt in gate_up.items():
-                self._install(mlp, name, permute_output_rows(gt, p, o.bits), None)
+            gate, up, t = fold_into_gate_up(gate_up["gate_proj"], gate_up["up_proj"], t, o.bits)
+            self._install(mlp, "gate_proj", gate, None)
+            self._install(mlp, "up_proj", up, None)
         self._install(mlp, "down_proj", t, None)
         return fp_inps
 
@@ -341,7 +344,7 @@ def _act_order_plan(o: ConvertOptions, shape: ModelShape) -> dict:
         return {"qkv_gate_up": "global", "o_proj": "global", "down_proj": "global",
                 "g_idx": "sorted (static groups: columns keep their natural groups)"}
     o_proj = "head_local" if shape.head_dim % o.group_size == 0 else ("tp_shard_local" if o.tp > 1 else "global")
-    if o.rotate == "full":
+    if o.has_r4:
         down = "tp_shard_local (unsorted g_idx within each shard)" if o.tp > 1 else "global (unsorted g_idx)"
     else:
         down = "tp_aware_permutation (down_proj g_idx sorted; gate/up rows permuted)"
@@ -359,6 +362,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
 
     shape = model_shape(model.config)
     check_sizes(shape, rotate=opts.rotate, tp=opts.tp, group_size=opts.group_size)
+    check_finite(model)
     if opts.method == "gptq":
         if calibration_ids is None:
             raise ValueError("GPTQ needs calibration token ids")
@@ -435,25 +439,6 @@ def _describe_calibration(calibration) -> str:
     return "list of strings"
 
 
-def output_config(qm: QuantizedModel, source: str, calibration: str | None = None) -> dict:
-    """config.json of the converted model: a LlamaForCausalLM config + GPTQ + hadacore blocks
-    (``calibration``: what the GPTQ calibration text was, recorded in the hadacore block)."""
-    config = qm.model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype"):
-        config.pop(key, None)
-    config.update(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        tie_word_embeddings=False,
-        dtype=str(qm.options.dtype).removeprefix("torch."),
-        quantization_config=qm.quantization_config(),
-        hadacore=qm.hadacore_config(source),
-    )
-    if calibration is not None and config["hadacore"]["calibration"] is not None:
-        config["hadacore"]["calibration"]["text"] = calibration
-    return config
-
-
 def convert(
     model_or_path,
     out_dir: str | Path,
@@ -484,7 +469,8 @@ def convert(
     ``model_or_path``: a Hugging Face directory (config.json + safetensors), a ``.gguf``
     file, or an in-memory transformers model (not modified). ``rotate``: "none" (plain
     GPTQ), "offline" (R1 + R2 folded into weights: still a plain GPTQ checkpoint),
-    "full" (also R4, applied online to down_proj's input at run time). ``calibration``
+    "online" (R4 alone: down_proj's input rotated at run time), "full" (offline + online).
+    A checkpoint with online rotations loads only in hadacore (other loaders refuse it). ``calibration``
     (GPTQ only): a text file path, a list of strings, a LongTensor ``[samples, seqlen]`` of
     token ids, None for the packaged news text, or the name of a packaged text
     (``hadacore.data.CALIBRATION_SOURCES``: "lee" news, "wiki" Wikipedia articles disjoint
@@ -497,18 +483,22 @@ def convert(
     scaling its update), ``percdamp`` (Hessian dampening, fraction of its mean diagonal).
     Returns the output directory.
     """
-    from hadacore.convert.checkpoint import DEFAULT_MAX_SHARD_BYTES, check_output_dir, save_checkpoint
+    from hadacore.checkpoint.write import DEFAULT_MAX_SHARD_BYTES, atomic_output_dir, write_checkpoint
     from hadacore.convert.source import load_source
 
     opts = ConvertOptions(bits=bits, group_size=group_size, method=method, act_order=act_order, rotate=rotate,
                           tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, w_clip=w_clip, sym=sym,
                           static_groups=static_groups, gptaq=gptaq, gptaq_alpha=gptaq_alpha, percdamp=percdamp)
-    check_output_dir(out_dir, force)  # fail before the slow part, and again when writing
-    src = load_source(model_or_path, tokenizer=tokenizer,
-                      check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
-    ids = _calibration_ids(calibration, src.tokenizer, opts) if method == "gptq" else None
-    log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
-    qm = quantize_model(src.model, opts, ids)
-    config = output_config(qm, src.description, _describe_calibration(calibration) if method == "gptq" else None)
-    return save_checkpoint(qm.model, config, out_dir, tokenizer=src.tokenizer,
-                           force=force, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    protect = (model_or_path,) if isinstance(model_or_path, (str, os.PathLike)) else ()
+    # Claimed before the slow part: a bad or unwritable OUT fails now, not after the conversion.
+    with atomic_output_dir(out_dir, force=force, protect=protect) as work:
+        src = load_source(model_or_path, tokenizer=tokenizer,
+                          check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
+        ids = _calibration_ids(calibration, src.tokenizer, opts) if method == "gptq" else None
+        log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
+        qm = quantize_model(src.model, opts, ids)
+        config = qm.checkpoint_config(src.description, _describe_calibration(calibration) if method == "gptq" else None)
+        names = write_checkpoint(qm.model, config, work, tokenizer=src.tokenizer,
+                                 max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    log.info("wrote %s (%d safetensors file%s)", out_dir, len(names), "s" * (len(names) > 1))
+    return Path(out_dir)

@@ -8,7 +8,6 @@ before any weight is touched, with errors that say what was wrong and what works
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +18,10 @@ from torch import nn
 
 from hadacore.hadamard import check_hadamard_size
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelShape", "Source", "load_source", "model_shape", "check_model", "check_sizes"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "ModelShape", "Source", "load_source", "model_shape", "check_model", "check_sizes",
+    "check_finite",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +97,25 @@ def check_model(model: nn.Module) -> None:
         raise ValueError(f"model does not have the Llama module layout ({e}); expected {_SUPPORTED_TEXT}") from None
 
 
+def check_finite(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming every parameter or buffer with NaN or Inf values: no
+    quantizer can represent them, and they would surface later as a confusing error
+    (or as a checkpoint whose logits are not finite)."""
+    bad = [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()})"
+           for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"the source model has non-finite values (NaN or Inf) in {', '.join(bad[:8])}"
+                         + (f" and {len(bad) - 8} more tensors" if len(bad) > 8 else ""))
+
+
 def check_sizes(shape: ModelShape, *, rotate: str, tp: int, group_size: int) -> None:
     """Every Hadamard the chosen rotations need is supported, every layer's input size is
     a multiple of the group size (per TP shard for the row-parallel o_proj/down_proj)."""
     if rotate in ("offline", "full"):
         check_hadamard_size(shape.hidden, what=f"R1 needs a Hadamard of the hidden size {shape.hidden}")
         check_hadamard_size(shape.head_dim, what=f"R2 needs a Hadamard of the head size {shape.head_dim}")
-    if rotate == "full":
+    if rotate in ("online", "full"):
         if shape.intermediate % tp:
             raise ValueError(f"intermediate size {shape.intermediate} is not divisible by tp={tp}")
         block = shape.intermediate // tp
@@ -131,10 +145,12 @@ def _check_safetensors_dir(path: Path) -> None:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        from hadacore.checkpoint.config import read_json
+
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a valid safetensors index (no 'weight_map' object)")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:

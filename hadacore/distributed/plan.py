@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hadacore.quant.permute import act_order_perm, is_sorted_by_group, permute_input_columns, permute_output_rows
+from hadacore.quant.act_order import act_order_perm, is_sorted_by_group
 
-__all__ = ["STRATEGIES", "MLPShardPlan", "plan_mlp_shard", "plan_tp_aware_mlp"]
+__all__ = ["STRATEGIES", "MLPShardPlan", "plan_mlp_shard"]
 
 STRATEGIES = ("naive", "tp_aware")
 
@@ -100,29 +100,3 @@ def plan_mlp_shard(
         )
     local_perm = act_order_perm(shard_groups)
     return MLPShardPlan(contiguous, lo + local_perm, hadamard_block, local_perm, None)
-
-
-def plan_tp_aware_mlp(
-    gate: dict[str, torch.Tensor], up: dict[str, torch.Tensor], down: dict[str, torch.Tensor], bits: int = 4
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The offline TP-aware permutation of one MLP (no online Hadamard between gate/up and down).
-
-    Returns GPTQ tensor dicts with gate/up's output rows and down_proj's input columns
-    permuted by ``P = act_order_perm(down["g_idx"])``: ``down'`` has a sorted ``g_idx``, and
-    ``down'(silu(gate'(x)) * up'(x)) == down(silu(gate(x)) * up(x))`` exactly, at every
-    tp degree (contiguous shards of gate'/up' line up with contiguous K-shards of down').
-    A ``"bias"`` entry of gate/up is permuted with the rows. With an online R4 Hadamard
-    there is nothing to do offline: :func:`plan_mlp_shard` permutes inside each shard.
-    """
-    perm = act_order_perm(down["g_idx"])
-
-    def rows(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = permute_output_rows(t, perm, bits)
-        if t.get("bias") is not None:
-            out["bias"] = t["bias"][perm]
-        return out
-
-    new_down = permute_input_columns(down, perm, bits)
-    if down.get("bias") is not None:
-        new_down["bias"] = down["bias"]
-    return rows(gate), rows(up), new_down

@@ -1,7 +1,7 @@
 """FX passes of the hadacore compiler, one per file, run in order by :mod:`.manager`.
 
 ``find_linears`` / ``find_attention`` / ``block_graph`` analyse; ``rotate``,
-``quantize``, ``tp_permute``, ``fuse_horizontal``, ``rewrite_w4a16`` and
+``quantize``, ``fold_act_order``, ``fuse_horizontal``, ``rewrite_w4a16`` and
 ``fp8_attention`` rewrite; ``cleanup`` tidies. Counters live in :mod:`.stats`.
 """
 

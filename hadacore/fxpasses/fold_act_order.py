@@ -1,4 +1,4 @@
-"""TP-aware permutation for act-order (``g_idx`` not sorted) quantized layers.
+"""Fold the act-order permutations of quantized layers (``g_idx`` not sorted) away.
 
 The weight's input columns are sorted by group (``W' = W[:, perm]``), which makes every
 group contiguous; the activation must then arrive as ``x[..., perm]``. In order of
@@ -21,7 +21,7 @@ import torch
 from hadacore.fxpasses.block_graph import match_mlp
 from hadacore.fxpasses.context import LinearSite, PassContext, example_value, skip_dtype_casts
 from hadacore.fxpasses.stats import bump, record_skip
-from hadacore.quant.permute import act_order_perm, is_sorted_by_group, permute_input_columns, permute_output_rows
+from hadacore.quant.act_order import permute_output_rows, sort_by_group
 
 log = logging.getLogger("hadacore.compiler")
 
@@ -62,13 +62,14 @@ def _fold_into_mlp(ctx: PassContext, site: LinearSite, perm: torch.Tensor) -> Op
     return None
 
 
-def tp_permute(ctx: PassContext) -> None:
+def fold_act_order(ctx: PassContext) -> None:
     kept: dict[str, list[str]] = {}  # why -> layers whose act-order gather stays at run time
     for site in ctx.sites:
-        if site.kind != "gptq" or is_sorted_by_group(site.gptq["g_idx"]):
+        if site.kind != "gptq":
             continue
-        perm = act_order_perm(site.gptq["g_idx"])
-        site.gptq = permute_input_columns(site.gptq, perm, site.bits)
+        site.gptq, perm = sort_by_group(site.gptq, site.bits)
+        if perm is None:
+            continue
         site.gptq_nodes = None
         had = site.hadamard
         if had is not None:

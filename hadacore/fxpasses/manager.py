@@ -27,7 +27,7 @@ def default_passes() -> list[tuple[str, Pass]]:
     from hadacore.fxpasses.fuse_horizontal import fuse_horizontal
     from hadacore.fxpasses.quantize import quantize
     from hadacore.fxpasses.rotate import rotate_online
-    from hadacore.fxpasses.tp_permute import tp_permute
+    from hadacore.fxpasses.fold_act_order import fold_act_order
     from hadacore.fxpasses.rewrite_w4a16 import rewrite_w4a16
 
     return [
@@ -36,7 +36,7 @@ def default_passes() -> list[tuple[str, Pass]]:
         ("block_graph", build_block_graph),
         ("rotate_online", rotate_online),
         ("quantize", quantize),
-        ("tp_permute", tp_permute),
+        ("fold_act_order", fold_act_order),
         ("fuse_horizontal", fuse_horizontal),
         ("rewrite_w4a16", rewrite_w4a16),
         ("fp8_attention", fp8_attention),

@@ -1,12 +1,17 @@
-"""Permuting, concatenating and sharding GPTQ tensors without touching their values.
+"""Act-order: the one place that sorts GPTQ columns by group and folds the permutation away.
 
-The act-order algebra (DESIGN.md): GPTQ with act-order quantizes W's input columns in a
-permuted order, so its ``g_idx`` is not sorted. With ``perm = act_order_perm(g_idx)``,
-``W' = W[:, perm]`` has every group contiguous and ``x[..., perm] @ W'.T == x @ W.T``.
-For an MLP the gather on x folds into the producers: ``silu(x Wg[perm].T) * (x Wu[perm].T)``
-is ``h[..., perm]`` exactly, so permuting gate/up's output rows removes it.
+GPTQ with act-order (``desc_act``) quantizes W's input columns in a permuted order, so its
+``g_idx`` is not sorted. With ``perm = act_order_perm(g_idx)``, ``W' = W[:, perm]`` has every
+group contiguous and ``x[..., perm] @ W'.T == x @ W.T``: a kernel with contiguous groups
+can run it once the activation arrives gathered. For an MLP the gather folds into the
+producers: ``silu(x Wg[perm].T) * (x Wu[perm].T)`` is ``h[..., perm]`` exactly (SiLU and the
+product act elementwise), so permuting gate/up's output rows removes it
+(:func:`fold_into_gate_up`), at every TP degree (TP-aware dequantization).
 
-Every function unpacks to integers and repacks: results are bit-exact rearrangements.
+Users: the converter (down_proj without R4), the compiler's ``fold_act_order`` pass, the
+TP shard planner (:mod:`hadacore.distributed.plan`) and the prepared fast paths of
+:class:`~hadacore.quant.linear.QuantLinear`. Every function unpacks to integers and
+repacks: results are bit-exact rearrangements.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from hadacore.quant.format import pack_gptq, unpack_gptq
 __all__ = [
     "act_order_perm",
     "is_sorted_by_group",
+    "sort_by_group",
     "permute_input_columns",
     "permute_output_rows",
-    "concat_output_rows",
-    "shard_gptq",
+    "fold_into_gate_up",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -57,66 +62,32 @@ def permute_output_rows(tensors: Tensors, perm: torch.Tensor, bits: int = 4) -> 
     return pack_gptq(q[perm], scales[:, perm], zeros[:, perm], g_idx, bits)
 
 
-def concat_output_rows(parts: list[Tensors]) -> Tensors:
-    """One GPTQ weight whose output rows are ``parts`` stacked (e.g. fused q/k/v, gate/up).
-
-    Every part must share K, the group assignment ``g_idx`` and the scale dtype; N of each
-    part is a multiple of 8, so packed ``qzeros`` words never straddle two parts.
-    """
-    if not parts:
-        raise ValueError("concat_output_rows needs at least one part")
-    first = parts[0]
-    for p in parts[1:]:
-        if p["qweight"].shape[0] != first["qweight"].shape[0] or p["scales"].dtype != first["scales"].dtype:
-            raise ValueError("parts differ in K or in scale dtype")
-        if not torch.equal(p["g_idx"], first["g_idx"]):
-            raise ValueError("parts have different g_idx (group assignments); cannot share one GEMM")
-    return {
-        "qweight": torch.cat([p["qweight"] for p in parts], dim=1),
-        "qzeros": torch.cat([p["qzeros"] for p in parts], dim=1),
-        "scales": torch.cat([p["scales"] for p in parts], dim=1),
-        "g_idx": first["g_idx"].clone(),
-    }
-
-
-def shard_gptq(tensors: Tensors, *, dim: str, rank: int, world_size: int, bits: int = 4) -> Tensors:
-    """This rank's shard of a GPTQ weight.
-
-    ``dim="out"`` (column-parallel) splits N. ``dim="in"`` (row-parallel) splits K: the shard
-    keeps the groups its columns reference, ``[min, max]`` of its ``g_idx``, re-based to 0.
-    With sorted group-aligned ``g_idx`` that is exactly its own groups; with a global
-    act-order ``g_idx`` it may be most of them (scales replicated, as vLLM does).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world of size {world_size}")
-    per = 32 // bits
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-    k, n = qweight.shape[0] * per, qweight.shape[1]
+def sort_by_group(tensors: Tensors, bits: int = 4) -> tuple[Tensors, torch.Tensor | None]:
+    """``(W' = W[:, perm], perm)`` with every group contiguous; ``(tensors, None)`` when they
+    already are. The caller multiplies ``x[..., perm]`` by ``W'``."""
     g_idx = tensors.get("g_idx")
-    if g_idx is None:
-        g_idx = unpack_gptq(tensors, bits)[3]
-    if dim == "out":
-        if n % (world_size * per):
-            raise ValueError(f"N={n} does not split into {world_size} shards of a multiple of {per}")
-        s = n // world_size
-        lo, hi = rank * s, (rank + 1) * s
-        return {
-            "qweight": qweight[:, lo:hi].contiguous(),
-            "qzeros": qzeros[:, lo // per : hi // per].contiguous(),
-            "scales": scales[:, lo:hi].contiguous(),
-            "g_idx": g_idx.clone(),
-        }
-    if dim == "in":
-        if k % (world_size * per):
-            raise ValueError(f"K={k} does not split into {world_size} shards of a multiple of {per}")
-        s = k // world_size
-        lo, hi = rank * s, (rank + 1) * s
-        gi = g_idx[lo:hi].to(torch.int64)
-        g0, g1 = int(gi.min()), int(gi.max()) + 1
-        return {
-            "qweight": qweight[lo // per : hi // per].contiguous(),
-            "qzeros": qzeros[g0:g1].contiguous(),
-            "scales": scales[g0:g1].contiguous(),
-            "g_idx": (gi - g0).to(torch.int32),
-        }
-    raise ValueError(f"dim must be 'in' or 'out', got {dim!r}")
+    if g_idx is None or is_sorted_by_group(g_idx):
+        return tensors, None
+    perm = act_order_perm(g_idx)
+    return permute_input_columns(tensors, perm, bits), perm
+
+
+def fold_into_gate_up(gate: Tensors, up: Tensors, down: Tensors, bits: int = 4) -> tuple[Tensors, Tensors, Tensors]:
+    """The TP-aware permutation of one MLP: down_proj's columns sorted by group, gate/up's
+    output rows (and a ``"bias"`` entry) permuted the same way, so
+    ``down'(silu(gate'(x)) * up'(x)) == down(silu(gate(x)) * up(x))`` exactly and no gather is
+    left. Contiguous shards of gate'/up' line up with contiguous K-shards of down'. Only
+    valid without an online rotation between the two (R4 mixes the permuted features)."""
+    new_down, perm = sort_by_group(down, bits)
+    if perm is None:
+        return gate, up, down
+
+    def rows(t: Tensors) -> Tensors:
+        out = permute_output_rows(t, perm, bits)
+        if t.get("bias") is not None:
+            out["bias"] = t["bias"][perm]
+        return out
+
+    if down.get("bias") is not None:
+        new_down["bias"] = down["bias"]
+    return rows(gate), rows(up), new_down
