@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import hadacore.ops  # noqa: F401  (hadacore::hadamard)
-from hadacore.lowering.fp8_attention import fp8_attention
+from hadacore.ops import fp8_attention
 
 
 def exact(q, k, v, causal):
@@ -56,7 +56,7 @@ def accuracy_table(device: str) -> None:
 def timing_table() -> None:
     from triton.testing import do_bench
 
-    from hadacore.kernels.fp8_attention import attention_fwd_triton, r3_quantize_fp8_triton
+    from hadacore.kernels.triton.fp8_attention import attention_fwd_triton, r3_quantize_fp8_triton
 
     print(f"\nGPU timings (ms, median of do_bench) on {torch.cuda.get_device_name()}, bf16 in/out")
     cols = ("sdpa bf16", "fp8 op", "r3+quant", "fp8 kernel", "bf16 kernel", "sdpa/op", "sdpa/kern")

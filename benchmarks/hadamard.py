@@ -5,7 +5,7 @@ CPU: ``hadacore.hadamard_transform`` (the native blocked Kronecker path) against
     one write: what any out-of-place transform must at least move);
   * dense ``x @ H_n`` in x's dtype (what a user would otherwise write);
   * the pure-PyTorch ``hadamard-transform`` package (powers of two only).
-GPU (only when CUDA is available): ``hadacore.kernels.hadamard.hadamard_triton`` against
+GPU (only when CUDA is available): ``hadacore.kernels.triton.hadamard.hadamard_triton`` against
 ``clone`` and dense matmul.
 
 Ratios are "this time / hadacore time" for the alternatives (above 1 = hadacore faster)
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 import hadacore
-from hadacore.lowering.hadamard import factor_plan
+from hadacore.kernels.cpu.hadamard import factor_plan
 
 try:  # pure-PyTorch package, pip name "hadamard-transform"; normalised output
     from hadamard_transform import hadamard_transform as pkg_hadamard_transform
@@ -140,7 +140,7 @@ def gpu_table(quick: bool) -> None:
     if not torch.cuda.is_available():
         print("\n## GPU: skipped (no CUDA device)")
         return
-    from hadacore.kernels.hadamard import hadamard_triton
+    from hadacore.kernels.triton.hadamard import hadamard_triton
 
     dev = torch.device("cuda")
     sync = torch.cuda.synchronize

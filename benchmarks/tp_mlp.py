@@ -33,7 +33,7 @@ from torch import nn
 
 from hadacore.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear
 from hadacore.distributed.layers import _all_gather
-from hadacore.lowering.w4a16 import prepare_w4a16_cpu
+from hadacore.kernels.cpu.w4a16 import prepare_w4a16_cpu
 
 
 class PreparedLinear(nn.Module):

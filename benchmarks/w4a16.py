@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import hadacore
-from hadacore.lowering.w4a16 import DEFAULT_INT4_MAX_M, SHORT_K_INT4_MAX_M, prepare_w4a16_cpu
-from hadacore.quant.format import dequantize_gptq, pack_gptq
+from hadacore.kernels.cpu.w4a16 import DEFAULT_INT4_MAX_M, SHORT_K_INT4_MAX_M, prepare_w4a16_cpu
+from hadacore.formats.gptq import dequantize_gptq, pack_gptq
 
 from _common import read_bandwidth
 
@@ -155,7 +155,7 @@ def cpu_table(shapes, ms, with_generic: bool, cold: bool, reps: int) -> None:
 def gpu_table(shapes, ms) -> None:
     import triton.testing
 
-    from hadacore.kernels.w4a16 import w4a16_matmul_triton
+    from hadacore.kernels.triton.w4a16 import w4a16_matmul_triton
 
     dev = torch.device("cuda")
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
@@ -194,7 +194,7 @@ def gpu_table(shapes, ms) -> None:
 
 def _torch_int4mm(w16: torch.Tensor, args, n: int, k: int):
     """torch's CUDA tinygemm on the same weight (bf16 activations), or None if unavailable."""
-    from hadacore.quant.format import unpack_gptq
+    from hadacore.formats.gptq import unpack_gptq
 
     try:
         q, s, z, _ = unpack_gptq({"qweight": args[0], "qzeros": args[1], "scales": args[2]})

@@ -43,16 +43,21 @@ def main():
     path = hadacore.convert(source, out, method=method, group_size=64 if not args.tiny else 32,
                             act_order=True, rotate="full", samples=16, seqlen=256, force=True)
     model = hadacore.load(path, dtype=torch.float32).eval()  # LlamaForCausalLM with QuantLinear layers
-    model.forward = torch.compile(model.forward, backend="hadacore", dynamic=True)
-
     tok = None if args.tiny else AutoTokenizer.from_pretrained(path)
     ids = tok(args.prompt, return_tensors="pt")["input_ids"] if tok else torch.randint(0, 128, (1, 8))
-    with torch.no_grad():
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                             do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                  do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+
+    eager = generate()  # eager mode runs the same fast kernels, prepared once per layer
+    model.forward = torch.compile(model.forward, backend="hadacore", dynamic=True)
+    gen = generate()
     print("checkpoint:", path)
     print("generated:", tok.decode(gen, skip_special_tokens=True) if tok else gen.tolist())
-    print("hadacore:", {k: hadacore.stats()[k] for k in ("linear_found", "linear_rewritten")})
+    print("eager and compiled tokens", "match" if torch.equal(gen, eager) else "DIFFER")
+    print("hadacore:", {k: hadacore.stats()[k] for k in ("graphs_compiled", "linear_found", "linear_rewritten")})
 
 
 if __name__ == "__main__":

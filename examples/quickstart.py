@@ -54,7 +54,8 @@ def main():
     new = out[0, ids.shape[1]:]
     print("generated:", tok.decode(new, skip_special_tokens=True) if tok else new.tolist())
     stats = hadacore.stats()
-    print("hadacore:", {k: stats[k] for k in ("linear_found", "linear_rewritten", "hadamard_inserted")})
+    print("hadacore:", {k: stats[k] for k in ("graphs_compiled", "linear_found", "linear_quantized", "linear_rewritten",
+                                        "hadamard_inserted")})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ entry point, so ``torch.compile(model, backend="hadacore")`` needs no import.
 
 from hadacore.hadamard import HADAMARD_BASES, hadamard_matrix
 from hadacore.ops import hadamard_transform, w4a16_matmul
-from hadacore.quant.format import pack_gptq, unpack_gptq
+from hadacore.formats.gptq import pack_gptq, unpack_gptq
 from hadacore.fxpasses.stats import reset_stats, stats
 
 __version__ = "0.1.0"

@@ -1,9 +1,9 @@
 """The ``torch.compile`` backend: ``torch.compile(model, backend="hadacore", options={...})``.
 
-Pipeline (DESIGN.md, "The compiler"): the Dynamo FX graph goes through the passes in
+Pipeline (docs/design.md, "The compiler"): the Dynamo FX graph goes through the passes in
 ``hadacore.fxpasses`` (find linears and attention, build the block graph, rotate,
-quantize, permute, fuse, rewrite into ``hadacore::*`` ops), then ``hadacore.lowering.fx``
-picks the per-device implementation of each fused node, then Inductor's ``compile_fx``
+quantize, fold act-order permutations, fuse, rewrite into ``hadacore::*`` ops, and last
+lower each fused node to its per-device implementation), then Inductor's ``compile_fx``
 compiles the whole graph. The rewrite happens before AOTAutograd, so the rewritten graph
 is what Inductor's FX graph cache and AOTAutograd's cache key on.
 
@@ -84,7 +84,6 @@ def hadacore_backend(
     be given as keyword arguments (e.g. through ``functools.partial``)."""
     from hadacore.fxpasses import PassContext, run_passes
     from hadacore.fxpasses.stats import bump
-    from hadacore.lowering.fx import lower
 
     if mode not in _MODES:
         raise ValueError(f"hadacore: unknown mode {mode!r}; accepted: {_MODES[1:]}")
@@ -93,9 +92,6 @@ def hadacore_backend(
     bump("graphs_compiled")
     ctx = PassContext(gm, example_inputs, opts)
     run_passes(ctx)
-    lower(ctx)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("hadacore: graph after lowering:\n%s", gm.print_readable(print_output=False))
     if not opts.inductor:
         return gm.forward
     from torch._inductor import list_mode_options

@@ -1,10 +1,20 @@
-"""``hadacore::*`` custom ops: schemas, fake impls, device dispatch, public wrappers.
+"""The one place that defines every ``hadacore::*`` custom op: schema, fake impl, device
+dispatch, and the public wrappers.
 
 Every op is functional (returns a fresh tensor, never aliases or mutates its inputs):
 an in-place Hadamard op whose fake impl returned its input produced garbage under
-torch.compile + CUDA graphs elsewhere. CPU and other non-CUDA devices run native
-torch code from ``hadacore.lowering``; CUDA runs the Triton kernels in
-``hadacore.kernels``.
+torch.compile + CUDA graphs elsewhere. CPU and other non-CUDA devices run the native
+torch kernels of :mod:`hadacore.kernels.cpu`; CUDA runs the Triton kernels of
+:mod:`hadacore.kernels.triton` (imported on first use: importing Triton kernels is slow).
+
+==========================  ===========================================================
+``hadamard``                ``(scale * (x * signs) @ H_n)[..., perm]`` along the last dim
+``gptq_dequantize``         GPTQ tensors -> ``W [N, K]`` (the unfused numerical reference)
+``w4a16_gemm``              ``x @ dequant(W).T + bias`` from raw GPTQ tensors
+``w4a16_gemm_cpu``          the same on a weight prepared once for CPU (int4 / bf16 by M)
+``fp8_attention``           SDPA with R3 and per-head FP8 e4m3 Q/K
+``fp8_qdq``                 R3 + per-head FP8 quantize-dequantize (emulation in graphs)
+==========================  ===========================================================
 """
 
 from __future__ import annotations
@@ -15,46 +25,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hadacore.hadamard import hadamard_factors
-from hadacore.quant.format import check_gptq_tensors, check_gptq_values, dequantize_gptq
+from hadacore.formats.gptq import check_gptq_tensors, check_gptq_values, dequantize_gptq
+from hadacore.kernels.checks import check_attention_args, check_hadamard_args, check_perm_values, check_prepared_args
+from hadacore.kernels.cpu.hadamard import hadamard_native
+from hadacore.kernels.cpu.w4a16 import w4a16_gemm_native, w4a16_gemm_prepared
+from hadacore.kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_attention_emulated
 
-__all__ = ["hadamard_transform", "block_hadamard_transform", "w4a16_matmul"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+__all__ = ["hadamard_transform", "block_hadamard_transform", "w4a16_matmul", "fp8_attention"]
 
 # --------------------------------------------------------------------------- hadamard
-
-
-def check_hadamard_args(x: Tensor, signs: Optional[Tensor], perm: Optional[Tensor]) -> int:
-    """Validate a Hadamard call (metadata only, so fake tensors pass through); return n."""
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("hadamard_transform needs at least one dimension")
-    n = x.shape[-1]
-    hadamard_factors(int(n))
-    if signs is not None and (signs.shape != (n,) or signs.device != x.device):
-        raise ValueError(f"signs must be a [{n}] tensor on {x.device}, got {tuple(signs.shape)} on {signs.device}")
-    if perm is not None and (perm.shape != (n,) or perm.dtype.is_floating_point or perm.dtype == torch.bool
-                             or perm.is_complex() or perm.device != x.device):
-        raise ValueError(f"perm must be an integer [{n}] tensor on {x.device}, got {perm.dtype} "
-                         f"{tuple(perm.shape)} on {perm.device}")
-    return n
-
-
-def check_perm_values(perm: Optional[Tensor], n: int) -> None:
-    """Every ``perm`` index must lie in ``[0, n)``: a negative one would silently wrap around
-    on some paths and an index past the end would read out of bounds on others. CPU raises
-    ``ValueError``; CUDA asserts on the device (no host sync, so it is safe inside CUDA graphs)."""
-    if perm is None or perm.numel() == 0:
-        return
-    if perm.device.type == "cuda":
-        torch._assert_async(((perm >= 0) & (perm < n)).all(), f"hadacore::hadamard: perm values must lie in [0, {n})")
-        return
-    lo, hi = int(perm.min()), int(perm.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"perm has values in [{lo}, {hi}]; they must lie in [0, {n})")
 
 
 @torch.library.custom_op("hadacore::hadamard", mutates_args=())
@@ -65,16 +44,13 @@ def hadamard(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm
     Hadamard); ``perm`` (optional, [n]) gathers output columns. fp32 accumulation,
     one rounding to ``x.dtype``.
     """
-    from hadacore.lowering.hadamard import hadamard_native
-
     check_perm_values(perm, check_hadamard_args(x, signs, perm))
     return hadamard_native(x, scale, signs, perm)
 
 
 @hadamard.register_kernel("cuda")
 def _hadamard_cuda(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> Tensor:
-    from hadacore.kernels.hadamard import hadamard_triton
-    from hadacore.lowering.hadamard import hadamard_native
+    from hadacore.kernels.triton.hadamard import hadamard_triton
 
     check_perm_values(perm, check_hadamard_args(x, signs, perm))
     if x.dtype == torch.float64:  # tensor cores have no fp64 path; the factored matmuls do
@@ -148,15 +124,13 @@ def w4a16_gemm(
     deterministic: bool = False,
 ) -> Tensor:
     """``x @ dequant(W).T + bias`` in x's dtype. ``split_k=0`` means automatic."""
-    from hadacore.lowering.w4a16 import w4a16_gemm_native
-
     check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
     return w4a16_gemm_native(x, qweight, qzeros, scales, g_idx, bias, group_size)
 
 
 @w4a16_gemm.register_kernel("cuda")
 def _w4a16_gemm_cuda(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k=0, deterministic=False):
-    from hadacore.kernels.w4a16 import w4a16_matmul_triton
+    from hadacore.kernels.triton.w4a16 import w4a16_matmul_triton
 
     _, _, groups = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
     if g_idx is not None:  # on the device, no host sync (safe inside CUDA graphs); CPU checks in dequantize
@@ -185,23 +159,19 @@ def w4a16_gemm_cpu(
     out_features: int,
     int4_max_m: int,
 ) -> Tensor:
-    """W4A16 GEMM on a weight prepared once (``hadacore.lowering.w4a16.prepare_w4a16_cpu``).
+    """W4A16 GEMM on a weight prepared once (``hadacore.kernels.cpu.w4a16.prepare_w4a16_cpu``).
 
     What the compiler emits on CPU, with the prepared tensors as graph constants: the
     int4 kernel for M <= ``int4_max_m`` (or when no dense weight is kept), bf16 BLAS on
     the dense weight above it. Computes in bf16 whatever x's dtype (16-bit activations
     are the W4A16 contract); returns x's dtype.
     """
-    from hadacore.lowering.w4a16 import check_prepared_args, w4a16_gemm_prepared
-
     check_prepared_args(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features)
     return w4a16_gemm_prepared(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features, int4_max_m)
 
 
 @w4a16_gemm_cpu.register_fake
 def _w4a16_gemm_cpu_fake(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features, int4_max_m):
-    from hadacore.lowering.w4a16 import check_prepared_args
-
     check_prepared_args(x, packed, scales_and_zeros, weight, perm, bias, group_size, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -232,10 +202,59 @@ def w4a16_matmul(
     return w4a16_gemm(x, qweight, qzeros, scales, g_idx, bias, group_size, split_k, deterministic)
 
 
-# --------------------------------------------------------------------------- compiler-only ops
-# Ops the torch.compile backend (hadacore.backend) inserts; not part of the public API.
+# --------------------------------------------------------------------------- FP8 attention
 
-_FP8_E4M3_MAX = 448.0
+
+@torch.library.custom_op("hadacore::fp8_attention", mutates_args=())
+def _fp8_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    rotate: bool = True,
+    quantize: bool = True,
+    attn_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Attention with R3 and FP8 Q/K; ``[B, Hq, S, D]`` in q's dtype (:mod:`hadacore.kernels.fp8`)."""
+    return fp8_attention_emulated(q, k, v, is_causal, scale, rotate, quantize, attn_mask)
+
+
+@_fp8_attention_op.register_kernel("cuda")
+def _fp8_attention_cuda(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True, attn_mask=None):
+    from hadacore.kernels.triton.fp8_attention import fp8_attention_triton
+
+    return fp8_attention_triton(
+        q, k, v, is_causal=is_causal, scale=scale, rotate=rotate, quantize=quantize, attn_mask=attn_mask
+    )
+
+
+@_fp8_attention_op.register_fake
+def _fp8_attention_fake(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True, attn_mask=None):
+    check_attention_args(q, k, v, rotate, attn_mask, is_causal)
+    return q.new_empty(q.shape)  # contiguous, like both real implementations
+
+
+def fp8_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    rotate: bool = True,
+    quantize: bool = True,
+    attn_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """``SDPA(q, k, v)`` with R3 (``rotate``) and FP8 e4m3 Q/K (``quantize``), via ``hadacore::fp8_attention``.
+
+    ``q [B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S_kv, D]`` (GQA when ``Hkv < Hq``), fp16/bf16/
+    fp32; ``scale`` defaults to ``1/sqrt(D)``; ``is_causal`` and ``attn_mask`` (bool: attend
+    where true, or additive in q's dtype; broadcastable to ``[B, Hq, S, S_kv]``) as in SDPA;
+    a row with nothing to attend to gives 0. Returns a new contiguous ``[B, Hq, S, D]``
+    tensor of q's dtype. Only the ``Q K^T`` product is FP8.
+    """
+    return torch.ops.hadacore.fp8_attention(q, k, v, is_causal, scale, rotate, quantize, attn_mask)
 
 
 @torch.library.custom_op("hadacore::fp8_qdq", mutates_args=())
@@ -246,8 +265,6 @@ def fp8_qdq(x: Tensor, hadamard_scale: float = 0.0) -> Tensor:
     the rows are first rotated, ``hadamard(x, hadamard_scale)`` along D (R3 fused with the
     quantization). Computed in fp32, returned in x's dtype: the emulation of FP8 attention.
     """
-    from hadacore.lowering.hadamard import hadamard_native
-
     if x.dim() < 2:
         raise ValueError(f"fp8_qdq needs [..., S, D], got shape {tuple(x.shape)}")
     y = x.float()
@@ -255,8 +272,8 @@ def fp8_qdq(x: Tensor, hadamard_scale: float = 0.0) -> Tensor:
         check_hadamard_args(x, None, None)
         y = hadamard_native(y, hadamard_scale)
     amax = y.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
-    scale = amax / _FP8_E4M3_MAX
-    q = (y / scale).clamp(-_FP8_E4M3_MAX, _FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = amax / FP8_MAX
+    q = (y / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return (q.float() * scale).to(x.dtype)
 
 

@@ -11,8 +11,7 @@ from torch import nn
 
 import hadacore.ops  # noqa: F401
 from hadacore.options import CompileOptions
-from hadacore.fxpasses import PassContext, run_passes
-from hadacore.lowering.fx import lower
+from hadacore.fxpasses import PassContext, default_passes, run_passes
 from hadacore.quant.linear import QuantLinear
 from hadacore.quant.act_order import permute_input_columns
 from hadacore.quant.rtn import rtn_gptq_tensors
@@ -101,9 +100,9 @@ def act_order_quant_linear(linear: nn.Linear, group_size: int, *, seed: int = 0,
 
 
 def quantize_modules(model: nn.Module, group_size: int, *, act_order=(), online=()) -> nn.Module:
-    """A copy of ``model`` with every nn.Linear replaced by an RTN QuantLinear (the eager
-    reference); names in ``act_order`` get unsorted g_idx, names in ``online`` an online
-    Hadamard (weight rotated to match)."""
+    """A copy of ``model`` with every nn.Linear replaced by an RTN QuantLinear in its reference
+    numerics (dequantize + linear in the input's precision); names in ``act_order`` get
+    unsorted g_idx, names in ``online`` an online Hadamard (weight rotated to match)."""
     model = copy.deepcopy(model)
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
@@ -113,6 +112,7 @@ def quantize_modules(model: nn.Module, group_size: int, *, act_order=(), online=
                     q = act_order_quant_linear(child, group_size, online_hadamard=any(full.endswith(o) for o in online))
                 else:
                     q = QuantLinear.from_linear(child, group_size=group_size, online_hadamard=any(full.endswith(o) for o in online))
+                q.numerics = "reference"
                 setattr(mod, child_name, q)
     return model
 
@@ -138,9 +138,7 @@ def apply_passes(gm, example_inputs, *, lowering: bool = False, **options) -> Pa
     the exact generic ops, so pass tests can hold fp32 tolerances."""
     with torch.no_grad():
         ctx = PassContext(gm, example_inputs, CompileOptions.from_mapping(options))
-        run_passes(ctx)
-        if lowering:
-            lower(ctx)
+        run_passes(ctx, default_passes(lower=lowering))
     return ctx
 
 

@@ -12,7 +12,7 @@ from hadacore.quant.act_order import (
     permute_output_rows,
     sort_by_group,
 )
-from hadacore.quant.format import concat_output_rows, dequantize_gptq, pack_gptq
+from hadacore.formats.gptq import concat_output_rows, dequantize_gptq, pack_gptq
 
 N, K, GS = 64, 256, 32
 

@@ -86,7 +86,7 @@ def quant_block():
     return block, compiled, first, out, hadacore.stats()
 
 
-# The CPU lowering computes W4A16 activations in bf16 (hadacore.lowering.fx): compiled
+# The CPU lowering computes W4A16 activations in bf16 (hadacore.fxpasses.lower): compiled
 # results match the fp32 eager reference to the bf16 kernel tolerance.
 KERNEL_TOL = 1e-2
 
@@ -188,7 +188,8 @@ def test_llama_fp8_attention_emulation_bound(llama):
     # Stated bound: per-head e4m3 Q and K (3 mantissa bits, 2**-4 relative per element)
     # moves the logits of this 2-layer model by less than 2**-4 relative.
     assert 1e-5 < err < 2**-4
-    assert s["fp8_attention_fused"] + s["fp8_qdq_inserted"] // 2 == 2  # both layers' attention
+    # HF Llama's SDPA (no dropout, constant scale/causal) becomes the fused op in both layers
+    assert (s["fp8_attention_fused"], s["fp8_qdq_inserted"]) == (2, 0)
 
 
 def test_llama_rotated_quantized_with_inductor_vs_eager_reference(llama):
@@ -280,7 +281,7 @@ def test_second_compile_in_fresh_process_hits_fx_graph_cache(tmp_path):
 def test_symbolic_divisibility_checks_add_no_guards():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from hadacore.lowering.fx import known_multiple
+    from hadacore.fxpasses.lower import known_multiple
 
     env = ShapeEnv()
     s = env.create_unbacked_symint()

@@ -18,7 +18,7 @@ from hadacore.checkpoint import load  # noqa: E402
 from hadacore.checkpoint import write as checkpoint  # noqa: E402
 from hadacore.checkpoint.read import DictSource, read_gptq  # noqa: E402
 from hadacore.convert.pipeline import ConvertOptions, quantize_model, rotate_model  # noqa: E402
-from hadacore.quant.format import dequantize_gptq  # noqa: E402
+from hadacore.formats.gptq import dequantize_gptq  # noqa: E402
 from hadacore.quant.linear import QuantLinear  # noqa: E402
 from hadacore.quant.act_order import is_sorted_by_group  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_w_clip_option_reaches_the_quantizer_and_config(model, calib, tokens, tm
 
 def test_asymmetric_checkpoint_compiled_matches_eager(model, calib, tokens, tmp_path):
     """sym=False: zeros other than 8 reach the config, the checkpoint and the compiled int4 path."""
-    from hadacore.quant.format import unpack_gptq
+    from hadacore.formats.gptq import unpack_gptq
 
     out = tmp_path / "asym"
     hadacore.convert(model, out, method="gptq", rotate="full", group_size=32, sym=False, calibration=calib,
@@ -270,17 +270,38 @@ def test_tp_shards_reassemble_and_are_self_contained(calib, tp):
                 assert torch.equal(torch.cat([p[k] for p in parts], dim=1), t[k])
 
 
-def test_down_proj_permutation_matches_unpermuted_function(model, calib, tokens):
-    """The TP-aware permutation changes the stored layout, not what the MLP computes:
-    undoing it on the quantized tensors gives the same MLP output."""
+def test_down_proj_permutation_matches_unpermuted_function(model, calib, monkeypatch):
+    """The converter's own TP-aware permutation changes the stored layout, not what the MLP
+    computes: its GPTQ tensors before and after the fold give the same MLP, the fold really
+    moved something, and the installed layers are the folded tensors."""
+    import hadacore.convert.pipeline as pipeline
+
+    folds = []
+    real = pipeline.fold_into_gate_up
+
+    def spy(gate, up, down, bits):
+        out = real(gate, up, down, bits)
+        folds.append(((gate, up, down), out))
+        return out
+
+    monkeypatch.setattr(pipeline, "fold_into_gate_up", spy)
     qm = _quantize(model, calib, method="gptq", rotate="none", group_size=16)
-    mlp = qm.model.model.layers[0].mlp
-    x = torch.randn(3, HIDDEN)
-    y = mlp(x)
-    gate, up, down = mlp.gate_proj.dequantized_weight(), mlp.up_proj.dequantized_weight(), mlp.down_proj.dequantized_weight()
-    perm = torch.randperm(INTER)
-    h = torch.nn.functional.silu(x @ gate[perm].T) * (x @ up[perm].T)
-    torch.testing.assert_close(h @ down[:, perm].T, y, rtol=1e-5, atol=1e-5)
+    assert len(folds) == LAYERS
+
+    def deq(t):
+        return dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 16, dtype=torch.float64)
+
+    x = torch.randn(3, HIDDEN, dtype=torch.float64)
+
+    def mlp(gate, up, down):
+        return (torch.nn.functional.silu(x @ deq(gate).T) * (x @ deq(up).T)) @ deq(down).T
+
+    for layer, (before, after) in zip(qm.model.model.layers, folds):
+        assert not is_sorted_by_group(before[2]["g_idx"]) and is_sorted_by_group(after[2]["g_idx"])
+        assert not torch.equal(deq(before[0]), deq(after[0]))  # gate's rows really moved
+        torch.testing.assert_close(mlp(*after), mlp(*before), rtol=1e-10, atol=1e-10)
+        for lin, t in zip((layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj), after):
+            assert torch.equal(lin.qweight, t["qweight"]) and torch.equal(lin.g_idx, t["g_idx"])
 
 
 # --------------------------------------------------------------------------- output handling

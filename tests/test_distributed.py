@@ -26,7 +26,8 @@ from hadacore.checkpoint import load
 from hadacore.checkpoint.read import DictSource, SafetensorsSource, read_gptq
 from hadacore.distributed import ShardLoadError, plan_mlp_shard
 from hadacore.quant.act_order import fold_into_gate_up, is_sorted_by_group
-from hadacore.quant.format import dequantize_gptq
+from hadacore.quant.linear import reference_numerics
+from hadacore.formats.gptq import dequantize_gptq
 from tiny_checkpoints import tiny_llama_config, write_tiny_checkpoint
 
 GROUP = 16
@@ -136,7 +137,7 @@ def _checkpoints(root, tp: int) -> dict[str, str]:
     for name, kw in specs.items():
         path = os.path.join(str(root), name)
         ref = write_tiny_checkpoint(path, seed=3, group_size=GROUP, **kw)
-        with torch.no_grad():
+        with torch.no_grad(), reference_numerics(ref):
             torch.save(
                 {"ids": ids, "logits": ref(ids).logits, "x": x, "mlp": ref.model.layers[0].mlp(x)},
                 os.path.join(path, "reference.pt"),
@@ -216,7 +217,7 @@ def _check_equivalence(rank: int, world: int, paths: dict[str, str]) -> None:
     for name, strategy in cases:
         ref = torch.load(os.path.join(paths[name], "reference.pt"))
         model = load(paths[name], tp_rank=rank, tp_size=world, strategy=strategy)
-        with torch.no_grad():
+        with torch.no_grad(), reference_numerics(model):
             logits = model(ref["ids"]).logits
             with OpCounter() as ops:
                 y = model.model.layers[0].mlp(ref["x"])
@@ -269,7 +270,7 @@ def _check_converted(rank: int, world: int, path: str) -> None:
     ref = torch.load(os.path.join(path, "reference.pt"))
     for strategy in ("naive", "tp_aware"):
         model = load(path, tp_rank=rank, tp_size=world, strategy=strategy)
-        with torch.no_grad():
+        with torch.no_grad(), reference_numerics(model):
             assert rel_err(model(ref["ids"]).logits, ref["logits"]) < 1e-5, strategy
             with OpCounter() as ops:
                 model.model.layers[0].mlp(ref["x"])
@@ -302,7 +303,7 @@ def _converted_checkpoint(root) -> str:
     ref = hadacore.load(path)  # the converter's own single-process loader
     gen = torch.Generator().manual_seed(2)
     ids, x = torch.randint(0, 128, (2, 7), generator=gen), torch.randn(2, 5, 64, generator=gen)
-    with torch.no_grad():
+    with torch.no_grad(), reference_numerics(ref):
         torch.save({"ids": ids, "logits": ref(ids).logits, "x": x}, os.path.join(path, "reference.pt"))
     return path
 

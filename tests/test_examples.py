@@ -24,10 +24,19 @@ def _stats(stdout: str) -> dict:
     return ast.literal_eval(line.split(":", 1)[1].strip())
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "convert_and_generate.py"])
-def test_example_runs_and_rewrites(script):
-    out = _run(script, "--tiny", "--new-tokens", "4")
-    tokens = ast.literal_eval(next(l for l in out.splitlines() if l.startswith("generated:")).split(":", 1)[1].strip())
-    assert len(tokens) == 4
-    stats = _stats(out)
-    assert stats["linear_rewritten"] > 0, stats
+def test_quickstart_quantizes_rotates_and_fuses_every_layer():
+    out = _run("quickstart.py", "--tiny", "--new-tokens", "4")
+    # 2 layers x 7 linears + lm_head, all quantized; q/k/v and gate/up fused (one site each, two rewritten);
+    # per layer R4 before down_proj and R3 on Q and K
+    s = _stats(out)
+    graphs = s.pop("graphs_compiled")  # generate compiles prefill and decode
+    assert graphs >= 2 and s == {"linear_found": 15 * graphs, "linear_quantized": 15 * graphs,
+                                 "linear_rewritten": 15 * graphs, "hadamard_inserted": 6 * graphs}, (graphs, s)
+
+
+def test_convert_and_generate_compiled_matches_eager():
+    out = _run("convert_and_generate.py", "--tiny", "--new-tokens", "6")
+    assert "eager and compiled tokens match" in out, out
+    s = _stats(out)
+    graphs = s["graphs_compiled"]  # every QuantLinear fused; the untied lm_head stays float
+    assert graphs >= 2 and (s["linear_found"], s["linear_rewritten"]) == (15 * graphs, 14 * graphs), s

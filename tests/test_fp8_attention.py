@@ -20,14 +20,8 @@ import pytest
 import torch
 
 import hadacore.ops  # noqa: F401  (registers hadacore::hadamard, used by R3)
-from hadacore.lowering.fp8_attention import (
-    FP8_DTYPE,
-    FP8_MAX,
-    fp8_attention,
-    fp8_attention_emulated,
-    quantize_fp8_per_head,
-    r3_rotate,
-)
+from hadacore.kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_attention_emulated, quantize_fp8_per_head, r3_rotate
+from hadacore.ops import fp8_attention
 
 FP8_BOUND = 5e-2  # FP8 Q/K vs exact attention, relative Frobenius (see module docstring)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -195,7 +189,7 @@ def test_r3_does_not_hurt_with_key_only_outliers(factor):
 
 
 def _triton():
-    from hadacore.kernels import fp8_attention as kmod
+    from hadacore.kernels.triton import fp8_attention as kmod
 
     if not torch.cuda.is_available() and kmod._interpreting() is False:
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
@@ -330,7 +324,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernel, not the int
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hadacore.kernels.fp8_attention import _attention_fwd_kernel as kernel
+from hadacore.kernels.triton.fp8_attention import _attention_fwd_kernel as kernel
 
 def compile_ptx(cap, qk, v, mask, **const):
     ptrs = {"Q": qk, "K": qk, "V": v, "Out": v, "QScale": "fp32", "KScale": "fp32", "Mask": mask}
@@ -346,7 +340,7 @@ compile_ptx(90, "fp8e4nv", "bf16", "bf16", IS_CAUSAL=False, MASK_KIND=2, BLOCK_D
 assert "wgmma" in h100 and "e4m3" in h100, "sm90: expected FP8 wgmma"
 assert "mma" in ada and "e4m3" in ada, "sm89: expected FP8 mma"
 
-from hadacore.kernels.fp8_attention import _r3_fp8_quant_kernel as quant
+from hadacore.kernels.triton.fp8_attention import _r3_fp8_quant_kernel as quant
 types = {"X": "bf16", "Hmat": "bf16", "Amax": "fp32", "Scale": "fp32", "Y": "fp8e4nv"}
 for q in (False, True):
     const = dict(QUANTIZE=q, ROTATE=True, H_FROM_BITS=True, DOT_F32=False, EVEN_D=True, BLOCK_S=64, BLOCK_D=128)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hadacore.quant.format import dequantize_gptq, unpack_gptq
+from hadacore.formats.gptq import dequantize_gptq, unpack_gptq
 from hadacore.quant.gptq import HessianAccumulator, act_order_perm_from_hessian, gptq_quantize, hessian_error
 from hadacore.quant.rtn import quant_grid, rtn_gptq_tensors
 

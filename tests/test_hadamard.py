@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hadacore
-import hadacore.lowering.hadamard as native
+import hadacore.kernels.cpu.hadamard as native
 from hadacore import HADAMARD_BASES, hadamard_matrix, hadamard_transform
 from hadacore.hadamard import hadamard_base, hadamard_factors, is_supported_size, nearest_supported_sizes, sylvester
 

@@ -138,7 +138,7 @@ class _null:
 def test_matmul_form_equals_native_op_on_one_block(n: int, dtype: torch.dtype, use_signs: bool, use_perm: bool) -> None:
     """The traced form the compiler emits for decode-sized inputs computes exactly what the
     op's native path does (same matrices, same order, one rounding): bit for bit."""
-    from hadacore.lowering.hadamard import _BLOCK_ELEMS, hadamard_by_matmuls, matmul_plan
+    from hadacore.kernels.cpu.hadamard import _BLOCK_ELEMS, hadamard_by_matmuls, matmul_plan
 
     rows = 3
     assert rows * n <= _BLOCK_ELEMS  # one row block of the native path
@@ -161,7 +161,7 @@ def test_cpu_lowering_uses_matmul_form_only_for_small_inputs(rows: int, lowered:
     of the op's row blocks); a large one keeps the op (whose blocked native path keeps its
     buffers in L2). All match the reference."""
     from compiler_models import apply_passes, capture, count
-    from hadacore.lowering.hadamard import hadamard_by_matmuls
+    from hadacore.kernels.cpu.hadamard import hadamard_by_matmuls
 
     n = 1536
 

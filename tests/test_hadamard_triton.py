@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import hadacore.hadamard as hh
-import hadacore.kernels.hadamard as hk
+import hadacore.kernels.triton.hadamard as hk
 from hadacore.hadamard import HADAMARD_BASES, hadamard_factors, hadamard_matrix
-from hadacore.kernels.hadamard import HadamardConfig, hadamard_triton
+from hadacore.kernels.triton.hadamard import HadamardConfig, hadamard_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -294,7 +294,7 @@ def test_bad_input():
 def test_real_sizes_gpu(n, dtype):
     # Reference: the fp64 Kronecker-factored native path (checked against hadamard_matrix on
     # CPU); a dense fp64 H_n of 32768 would be 8.6 GB.
-    from hadacore.lowering.hadamard import hadamard_native
+    from hadacore.kernels.cpu.hadamard import hadamard_native
 
     def reference(x, scale=1.0, signs=None, perm=None):
         return hadamard_native(x.double(), scale, None if signs is None else signs.double(), perm)
@@ -314,7 +314,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import hadacore.kernels.hadamard as hk
+import hadacore.kernels.triton.hadamard as hk
 from hadacore.hadamard import hadamard_factors
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}

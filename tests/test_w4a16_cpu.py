@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import hadacore
-from hadacore.lowering.w4a16 import PreparedW4A16, prepare_w4a16_cpu
-from hadacore.quant.format import dequantize_gptq, pack_gptq, unpack_gptq
+from hadacore.formats.gptq import dequantize_gptq, pack_gptq, unpack_gptq
+from hadacore.kernels.cpu.w4a16 import PreparedW4A16, prepare_w4a16_cpu
+from hadacore.quant.act_order import sort_by_group
 from hadacore.quant.rtn import rtn_gptq_tensors
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,6 +28,12 @@ def _gptq(n, k, group_size, sym, act_order, seed):
         q, s, z, g = unpack_gptq(t)
         t = pack_gptq(q, s, z, g[torch.randperm(k, generator=gen)])
     return t
+
+
+def _prepare(t, group_size, bias=None, **kw):
+    """The CPU fast path of a GPTQ weight, act-order sorted first as every caller does."""
+    w, perm = sort_by_group(t)
+    return prepare_w4a16_cpu(w["qweight"], w["qzeros"], w["scales"], w["g_idx"], group_size, bias, perm=perm, **kw)
 
 
 def _ref(x, t, group_size, bias):
@@ -55,8 +62,8 @@ def test_small_shapes_all_paths(n, k, group_size, act_order, sym):
     t = _gptq(n, k, group_size, sym, act_order, seed)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
-    int4_only = prepare_w4a16_cpu(*args, group_size, bias, dense=False)
-    blas_only = prepare_w4a16_cpu(*args, group_size, bias, int4_max_m=0)
+    int4_only = _prepare(t, group_size, bias, dense=False)
+    blas_only = _prepare(t, group_size, bias, int4_max_m=0)
     assert int4_only.weight is None and int4_only.packed is not None
     assert (int4_only.perm is not None) == act_order
     gen = torch.Generator().manual_seed(seed + 1)
@@ -77,7 +84,7 @@ def test_small_shapes_all_paths(n, k, group_size, act_order, sym):
 
 def test_leading_dims_and_empty_batch():
     t = _gptq(48, 128, 32, False, True, 3)
-    p = prepare_w4a16_cpu(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 32)
+    p = _prepare(t, 32)
     x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
     y = p(x)
     assert y.shape == (2, 3, 48) and y.is_contiguous()
@@ -88,7 +95,7 @@ def test_leading_dims_and_empty_batch():
 
 def test_dispatch_threshold_and_fallbacks():
     t = _gptq(32, 512, 512, True, False, 4)  # group 512: split into int4 groups of 256
-    p = prepare_w4a16_cpu(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 512, int4_max_m=2)
+    p = _prepare(t, 512, int4_max_m=2)
     assert p.int4_group_size == 256 and p.packed is not None and p.weight is not None
     # the two paths differ by bf16 rounding only, and each is exact to bf16 on its own side
     x = torch.randn(3, 512)
@@ -96,7 +103,7 @@ def test_dispatch_threshold_and_fallbacks():
     assert _rel(p(x), _ref(x, t, 512, None)) < BF16_TOL  # BLAS (M=3 > 2)
     # group 16: the int4 kernel cannot take it, only the dense weight is kept
     t16 = _gptq(32, 64, 16, False, False, 5)
-    p16 = prepare_w4a16_cpu(t16["qweight"], t16["qzeros"], t16["scales"], t16["g_idx"], 16, dense=False)
+    p16 = _prepare(t16, 16, dense=False)
     assert p16.packed is None and p16.weight is not None
     assert _rel(p16(x[:, :64]), _ref(x[:, :64], t16, 16, None)) < BF16_TOL
 
@@ -104,7 +111,7 @@ def test_dispatch_threshold_and_fallbacks():
 def test_int4_asymmetric_error_is_bf16_sized():
     """scales and float zeros (8 - z) * s are rounded to bf16 in the int4 kernel: measure it."""
     t = _gptq(256, 1024, 128, False, True, 6)
-    p = prepare_w4a16_cpu(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 128, dense=False)
+    p = _prepare(t, 128, dense=False)
     x = torch.randn(4, 1024).bfloat16()
     err = _rel(p(x), _ref(x, t, 128, None))
     assert err < 5e-3, err  # measured ~2.5e-3: x, scale, zero and output roundings to bf16
@@ -115,12 +122,12 @@ def test_dense_only_preparation():
     the bf16 weight, and the same results; with dense=False too nothing would be left."""
     t = _gptq(48, 128, 32, False, True, 9)
     args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
-    p = prepare_w4a16_cpu(*args, 32, dense=None, int4=False)
-    assert p.packed is None and p.scales_and_zeros is None and p.perm is None and p.weight is not None
+    p = _prepare(t, 32, dense=None, int4=False)
+    assert p.packed is None and p.scales_and_zeros is None and p.weight is not None
     x = torch.randn(20, 128).bfloat16()
     assert _rel(p(x), _ref(x, t, 32, None)) < BF16_TOL
     with pytest.raises(ValueError, match="leaves no weight"):
-        prepare_w4a16_cpu(*args, 32, dense=False, int4=False)
+        _prepare(t, 32, dense=False, int4=False)
 
 
 REAL = [(4096, 4096), pytest.param(11008, 4096, marks=pytest.mark.slow), pytest.param(4096, 11008, marks=pytest.mark.slow)]
@@ -130,7 +137,7 @@ REAL = [(4096, 4096), pytest.param(11008, 4096, marks=pytest.mark.slow), pytest.
 def test_real_shapes(n, k):
     t = _gptq(n, k, 128, n != k, n == 4096, n + k)
     args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
-    p = prepare_w4a16_cpu(*args, 128)
+    p = _prepare(t, 128)
     w = dequantize_gptq(*args, 128, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     for m in (1, 16, 128):
@@ -148,7 +155,7 @@ def test_opcheck():
     args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
     bias = torch.randn(48)
     for dense in (None, False):
-        p = prepare_w4a16_cpu(*args, 32, bias, dense=dense, int4_max_m=2)
+        p = _prepare(t, 32, bias, dense=dense, int4_max_m=2)
         for m in (1, 5):
             torch.library.opcheck(torch.ops.hadacore.w4a16_gemm_cpu.default, (torch.randn(m, 128).bfloat16(), *p.op_args()))
     torch.library.opcheck(torch.ops.hadacore.w4a16_gemm.default, (torch.randn(3, 128), *args, bias, 32, 0, False))
@@ -160,10 +167,11 @@ def test_torch_compile_no_graph_break_no_recompile():
 
     t = _gptq(48, 128, 32, False, True, 8)
     args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
-    p = prepare_w4a16_cpu(*args, 32, torch.randn(48), int4_max_m=4)
+    p = _prepare(t, 32, torch.randn(48), int4_max_m=4)
 
-    def f(x):
-        return torch.relu(p(x) * 2.0) + hadacore.w4a16_matmul(x, *args, group_size=32)
+    def f(x):  # the op picks its path per call: a symbolic M needs no guard
+        return torch.relu(torch.ops.hadacore.w4a16_gemm_cpu(x, *p.op_args()) * 2.0) + hadacore.w4a16_matmul(
+            x, *args, group_size=32)
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")
@@ -207,7 +215,10 @@ def test_bad_inputs():
             hadacore.w4a16_matmul(x, *args[:3], g, group_size=32)
         with pytest.raises(ValueError, match=r"g_idx has values in " + shown):
             prepare_w4a16_cpu(*args[:3], g, 32)
-    p = prepare_w4a16_cpu(*args, 32)
+    ao = _gptq(48, 128, 32, True, True, 9)
+    with pytest.raises(ValueError, match="sort an act-order weight"):
+        prepare_w4a16_cpu(ao["qweight"], ao["qzeros"], ao["scales"], ao["g_idx"], 32)
+    p = _prepare(t, 32)
     with pytest.raises(ValueError, match="x is on meta but packed is on cpu"):
         p(x.to("meta"))
     with pytest.raises(ValueError, match="packed must be uint8"):
@@ -217,4 +228,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="needs the packed int4 weight, the dense weight, or both"):
         PreparedW4A16(**{**p.__dict__, "weight": None, "packed": None, "scales_and_zeros": None})(x)
     with pytest.raises(ValueError, match="bias must be"):
-        prepare_w4a16_cpu(*args, 32, torch.randn(4))
+        _prepare(t, 32, torch.randn(4))

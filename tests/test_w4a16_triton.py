@@ -1,4 +1,4 @@
-"""Triton W4A16 GEMM (``hadacore.kernels.w4a16``) against an fp64 reference.
+"""Triton W4A16 GEMM (``hadacore.kernels.triton.w4a16``) against an fp64 reference.
 
 Runs on CPU under ``TRITON_INTERPRET=1`` (set by conftest) at small shapes; the ``gpu``
 tests repeat the important cases at real shapes when CUDA is present. Every output
@@ -11,17 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hadacore.kernels.w4a16 import (
+from hadacore.kernels.triton.w4a16 import (
     COMPUTED,
     CONTIGUOUS,
     GATHERED,
     PER_CHANNEL,
     group_mode,
-    prepare_act_order,
     w4a16_matmul_triton,
 )
-from hadacore.lowering.w4a16_configs import M_BUCKETS, select_w4a16_config, split_k_ranges
-from hadacore.quant.format import default_g_idx, dequantize_gptq, pack_gptq
+from hadacore.kernels.triton.w4a16_configs import M_BUCKETS, select_w4a16_config, split_k_ranges
+from hadacore.formats.gptq import default_g_idx, dequantize_gptq, pack_gptq
+from hadacore.quant.act_order import sort_by_group
 from hadacore.quant.rtn import rtn_gptq_tensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,11 +133,10 @@ def test_group_layouts(layout, path, sym, dtype):
     if how == "block_k_64":
         config["block_k"] = 64
     ref = reference(x, t, gs, bias)
-    if how == "prepared":
-        w = prepare_act_order(t["qweight"], t["g_idx"], gs)
-        assert w.g_idx is None  # GPTQ act-order: equal-size groups, contiguous once sorted
-        y = run(x, t, gs, g_idx=w.g_idx, qweight=w.qweight, perm=w.perm, bias=bias, config=config,
-                deterministic=deterministic)
+    if how == "prepared":  # sorted by group once, x gathered by the caller: the contiguous path
+        w, perm = sort_by_group(t)
+        assert group_mode(w["g_idx"], k, gs) == CONTIGUOUS  # GPTQ act-order: equal groups, contiguous once sorted
+        y = run(x[:, perm], w, gs, bias=bias, config=config, deterministic=deterministic)
     else:
         y = run(x, t, gs, bias=bias, config=config, deterministic=deterministic)
     assert rel_err(y, ref) < TOL[dtype]
@@ -156,23 +155,11 @@ def test_group_mode_selection():
     assert COMPUTED not in (CONTIGUOUS, GATHERED, PER_CHANNEL)
 
 
-# --------------------------------------------------------------------------- act-order helper
+# --------------------------------------------------------------------------- act-order
 
 
-def test_prepare_act_order_round_trip():
-    n, k, gs = 40, 96, 32
-    t = make_weight(n, k, gs, act_order=True, seed=5)
-    w = prepare_act_order(t["qweight"], t["g_idx"], gs)
-    perm = w.perm.long()
-    assert w.perm.dtype == torch.int32 and sorted(perm.tolist()) == list(range(k))
-    assert torch.equal(t["g_idx"][perm], default_g_idx(k, gs, device=DEVICE))
-    original = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], gs)
-    sorted_w = dequantize_gptq(w.qweight, t["qzeros"], t["scales"], None, gs)
-    assert torch.equal(sorted_w, original[:, perm])  # exact: same ints, same scales
-
-
-def test_prepare_act_order_unequal_groups():
-    """A g_idx with unequal group sizes stays exact: sorted g_idx returned, per-k lookup runs."""
+def test_unequal_groups_run_the_gathered_path_exactly():
+    """A g_idx with unequal group sizes stays exact: sorted, the per-k lookup runs."""
     n, k, gs = 40, 64, 32
     gen = torch.Generator().manual_seed(7)
     g_idx = torch.randint(0, 2, (k,), generator=gen).to(torch.int32)
@@ -180,10 +167,10 @@ def test_prepare_act_order_unequal_groups():
     q = torch.randint(0, 16, (n, k), generator=gen)
     t = pack_gptq(q, torch.rand(2, n, generator=gen) * 0.02 + 0.005, torch.randint(1, 17, (2, n), generator=gen), g_idx)
     t = {name: v.to(DEVICE) for name, v in t.items()}
-    w = prepare_act_order(t["qweight"], t["g_idx"], gs)
-    assert w.g_idx is not None and bool((w.g_idx[1:] >= w.g_idx[:-1]).all())
+    w, perm = sort_by_group(t)
+    assert group_mode(w["g_idx"], k, gs) == GATHERED and bool((w["g_idx"][1:] >= w["g_idx"][:-1]).all())
     x = randn(3, k, dtype=torch.float32, seed=8)
-    y = run(x, t, gs, g_idx=w.g_idx, qweight=w.qweight, perm=w.perm, config={"kernel": "splitk", "split_k": 2})
+    y = run(x[:, perm], w, gs, config={"kernel": "splitk", "split_k": 2})
     assert rel_err(y, reference(x, t, gs)) < TOL[torch.float32]
 
 
@@ -322,8 +309,6 @@ def test_bad_inputs_raise_clear_errors():
         w4a16_matmul_triton(x, *args, group_size=gs, out=torch.empty(3, n, dtype=torch.float32, device=DEVICE))
     with pytest.raises(ValueError, match="out must be"):
         w4a16_matmul_triton(x, *args, group_size=gs, out=torch.empty(3, n + 8, dtype=torch.float16, device=DEVICE))
-    with pytest.raises(ValueError, match="perm must be"):
-        w4a16_matmul_triton(x, *args, group_size=gs, perm=torch.arange(k - 8, device=DEVICE))
     with pytest.raises(ValueError, match="input features"):
         w4a16_matmul_triton(x[:, :32], *args, group_size=gs)
     with pytest.raises(ValueError, match="multiple of group_size"):
@@ -331,7 +316,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown W4A16 config keys"):
         w4a16_matmul_triton(x, *args, group_size=gs, config={"warps": 4})
     with pytest.raises(ValueError, match="integer"):
-        prepare_act_order(t["qweight"], t["g_idx"].float(), gs)
+        w4a16_matmul_triton(x, *args[:3], t["g_idx"].float(), group_size=gs)
 
 
 # --------------------------------------------------------------------------- GPU, real shapes
@@ -358,8 +343,8 @@ def test_gpu_real_shapes(variant, m, dtype):
         "act_order_prepared": {},
     }[variant]
     if variant == "act_order_prepared":
-        w = prepare_act_order(t["qweight"], t["g_idx"], gs)
-        y = run(x, t, gs, g_idx=w.g_idx, qweight=w.qweight, perm=w.perm, bias=bias)
+        w, perm = sort_by_group(t)
+        y = run(x[:, perm], w, gs, bias=bias)
     else:
         y = run(x, t, gs, bias=bias, **kwargs)
     torch.cuda.synchronize()

@@ -20,7 +20,7 @@ from torch import nn
 from hadacore.checkpoint.config import ONLINE_METADATA_KEY, CheckpointConfig, GPTQSpec, OnlineRotations
 from hadacore.checkpoint.write import write_safetensors
 from hadacore.ops import block_hadamard_transform
-from hadacore.quant.format import pack_gptq
+from hadacore.formats.gptq import pack_gptq
 from hadacore.quant.linear import QuantLinear
 from hadacore.quant.rtn import quantize_rtn
 

@@ -16,7 +16,7 @@ import torch
 
 from hadacore.checkpoint.config import read_json
 from hadacore.checkpoint.write import INDEX_FILE
-from hadacore.quant.format import check_g_idx_range, pack_rows, unpack_rows
+from hadacore.formats.gptq import check_g_idx_range, pack_rows, unpack_rows
 
 __all__ = ["TensorSource", "SafetensorsSource", "DictSource", "take", "read_gptq"]
 

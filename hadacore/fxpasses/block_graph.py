@@ -16,7 +16,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from hadacore.fxpasses.context import MUL_TARGETS, SILU_TARGETS, PassContext, is_call, skip_dtype_casts
+from hadacore.fxpasses.context import MUL_TARGETS, SILU_TARGETS, PassContext, is_call, op_arguments, skip_dtype_casts
 
 _ADD = (operator.add, torch.add, torch.ops.aten.add.Tensor)
 _LIMIT = 256
@@ -85,7 +85,7 @@ def build_block_graph(ctx: PassContext) -> None:
                 g.add_edge(src, s.name, ops=sorted(ops))
     ctx.mlps = []
     for s in ctx.sites:
-        x = s.hadamard.args[0] if s.hadamard is not None else s.x
+        x = op_arguments(s.hadamard)["x"] if s.hadamard is not None else s.x
         mlp = match_mlp(ctx, skip_dtype_casts(x))
         if mlp is not None:
             mlp.down = s.name

@@ -14,14 +14,19 @@ import torch.nn.functional as F
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+import hadacore.ops  # noqa: F401  (registers the hadacore::* ops the passes read and build)
 from hadacore.options import CompileOptions
 
-__all__ = ["LinearSite", "AttentionBlock", "PassContext", "is_call", "LINEAR_TARGETS", "SDPA_TARGETS"]
+__all__ = [
+    "LinearSite", "AttentionBlock", "PassContext", "is_call", "op_arguments", "call_op", "set_op_arguments",
+    "LINEAR_TARGETS", "SDPA_TARGETS", "MATMUL_TARGETS",
+]
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 SILU_TARGETS = (F.silu, torch.ops.aten.silu.default, torch.nn.functional.silu)
 MUL_TARGETS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default)
 
 
 def is_call(node: Any, targets: tuple, method: Optional[str] = None) -> bool:
@@ -34,6 +39,50 @@ def is_call(node: Any, targets: tuple, method: Optional[str] = None) -> bool:
         if node.target in targets or (packet is not None and packet in targets):
             return True
     return method is not None and node.op == "call_method" and node.target == method
+
+
+def _overload(target: Any) -> torch._ops.OpOverload:
+    return target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
+
+
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """A ``torch.ops`` call's arguments by schema name, defaults filled in: how passes read
+    ``hadacore::*`` nodes, whichever mix of positional and keyword arguments built them."""
+    schema = _overload(node.target)._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            raise ValueError(f"{node.format_node()}: no value for {schema.name}'s argument {arg.name!r}")
+    return out
+
+
+def _positional(op: Any, arguments: dict[str, Any]) -> tuple:
+    schema = _overload(op)._schema
+    names = [a.name for a in schema.arguments]
+    unknown = sorted(set(arguments) - set(names))
+    if unknown:
+        raise TypeError(f"{schema.name} has no argument(s) {unknown}; it takes {names}")
+    return tuple(arguments[a.name] if a.name in arguments else a.default_value for a in schema.arguments)
+
+
+def call_op(graph: fx.Graph, op: Any, **arguments: Any) -> fx.Node:
+    """A call of ``op`` (its default overload) with ``arguments`` by name: how passes build
+    ``hadacore::*`` nodes (positional in schema order, so Inductor sees one canonical form)."""
+    return graph.call_function(_overload(op), _positional(op, arguments))
+
+
+def set_op_arguments(node: fx.Node, **updates: Any) -> None:
+    """Change some of a ``torch.ops`` call's arguments by name (the node keeps its users)."""
+    arguments = op_arguments(node)
+    arguments.update(updates)
+    node.target = _overload(node.target)
+    node.args, node.kwargs = _positional(node.target, arguments), {}
 
 
 def skip_dtype_casts(node: Any) -> Any:

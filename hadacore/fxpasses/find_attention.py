@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from hadacore.fxpasses.context import SDPA_TARGETS, AttentionBlock, PassContext, example_value, is_call
+from hadacore.fxpasses.context import MATMUL_TARGETS, SDPA_TARGETS, AttentionBlock, PassContext, example_value, is_call
 from hadacore.fxpasses.stats import bump, skip
 
 log = logging.getLogger("hadacore.compiler")
 
-_MATMUL = (torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default)
 _SOFTMAX = (F.softmax, torch.softmax, torch.ops.aten._softmax.default, torch.ops.aten.softmax.int)
 # Ops allowed between the scores matmul and the softmax (scaling, masking, casts, dropout).
 _SCORE_FUNCS = (operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, F.dropout)
@@ -47,7 +46,7 @@ def projections_feeding(ctx: PassContext, start: Any) -> list[str]:
         if node in outputs:
             found.append(outputs[node])
             continue
-        if node.op not in ("call_function", "call_method") or is_call(node, _MATMUL + SDPA_TARGETS):
+        if node.op not in ("call_function", "call_method") or is_call(node, MATMUL_TARGETS + SDPA_TARGETS):
             continue
         stack.extend(a for a in node.all_input_nodes)
     return sorted(set(found))
@@ -89,17 +88,17 @@ def _matmul_softmax_blocks(ctx: PassContext) -> list[tuple[fx.Node, Any, Any, An
             continue
         node = sm.args[0]
         for _ in range(8):  # walk back over scaling / masking / casts
-            if is_call(node, _MATMUL):
+            if is_call(node, MATMUL_TARGETS):
                 break
             if isinstance(node, fx.Node) and (is_call(node, _SCORE_FUNCS) or node.op == "call_method" and node.target in _SCORE_METHODS):
                 node = node.args[0]
             else:
                 node = None
                 break
-        if not is_call(node, _MATMUL):
+        if not is_call(node, MATMUL_TARGETS):
             continue
         q, kt = node.args[0], node.args[1]
-        pv = [u for u in sm.users if is_call(u, _MATMUL) and u.args[0] is sm]
+        pv = [u for u in sm.users if is_call(u, MATMUL_TARGETS) and u.args[0] is sm]
         if len(pv) != 1:
             skip("softmax output is not multiplied by V", sm.name)
             continue

@@ -7,7 +7,8 @@ import logging
 
 import torch
 
-from hadacore.fxpasses.context import LINEAR_TARGETS, LinearSite, PassContext, is_call, node_name, skip_dtype_casts
+from hadacore.formats.gptq import default_g_idx
+from hadacore.fxpasses.context import LINEAR_TARGETS, LinearSite, PassContext, is_call, node_name, op_arguments, skip_dtype_casts
 from hadacore.fxpasses.stats import bump, skip
 
 log = logging.getLogger("hadacore.compiler")
@@ -48,10 +49,9 @@ def find_linears(ctx: PassContext) -> None:
 
 
 def _gptq_site(ctx: PassContext, node, x, dq, b):
-    a = list(dq.args) + [dq.kwargs.get(k) for k in ("qweight", "qzeros", "scales", "g_idx", "group_size", "bits")][len(dq.args):]
-    qweight, qzeros, scales, g_idx, group_size = a[:5]
-    bits = a[5] if len(a) > 5 and a[5] is not None else 4
-    nodes = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+    a = op_arguments(dq)
+    qweight, g_idx, group_size, bits = a["qweight"], a["g_idx"], a["group_size"], a["bits"]
+    nodes = {k: a[k] for k in ("qweight", "qzeros", "scales", "g_idx")}
     tensors = {k: ctx.constant(v) for k, v in nodes.items() if v is not None}
     if any(t is None for t in tensors.values()) or "g_idx" not in tensors and g_idx is not None:
         skip("GPTQ tensors are not parameters or buffers", node.name)
@@ -63,8 +63,6 @@ def _gptq_site(ctx: PassContext, node, x, dq, b):
         skip("dequantized weight has other users", node.name)
         return None
     if "g_idx" not in tensors:
-        from hadacore.quant.format import default_g_idx
-
         k = tensors["qweight"].shape[0] * 8
         tensors["g_idx"] = default_g_idx(k, group_size, device=tensors["qweight"].device)
         nodes["g_idx"] = None

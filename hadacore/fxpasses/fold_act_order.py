@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 
 from hadacore.fxpasses.block_graph import match_mlp
-from hadacore.fxpasses.context import LinearSite, PassContext, example_value, skip_dtype_casts
+from hadacore.fxpasses.context import (
+    LinearSite, PassContext, example_value, op_arguments, set_op_arguments, skip_dtype_casts,
+)
 from hadacore.fxpasses.stats import bump, record_skip
 from hadacore.quant.act_order import permute_output_rows, sort_by_group
 
@@ -73,12 +75,8 @@ def fold_act_order(ctx: PassContext) -> None:
         site.gptq_nodes = None
         had = site.hadamard
         if had is not None:
-            if len(had.users) == 1 and (len(had.args) < 4 or had.args[3] is None) and "perm" not in had.kwargs:
-                p = ctx.add_constant(f"{site.name}.perm", perm.to(torch.int64), had)
-                args = list(had.args) + [None] * (4 - len(had.args))
-                args[1] = args[1] if len(had.args) > 1 else had.kwargs.get("scale", 1.0)
-                args[3] = p
-                had.args, had.kwargs = tuple(args), {}
+            if len(had.users) == 1 and op_arguments(had)["perm"] is None:
+                set_op_arguments(had, perm=ctx.add_constant(f"{site.name}.perm", perm.to(torch.int64), had))
                 bump("gather_removed")
                 log.debug("hadacore: %s act-order permutation fused into the Hadamard store", site.name)
                 continue

@@ -1,6 +1,6 @@
 """FP8 attention (``fp8_attention=True``): R3 on Q and K fused with per-head FP8 e4m3
 quantization of Q and K (the ``Q K^T`` product is FP8; V, P and the softmax stay 16/32-bit,
-the contract of ``hadacore.lowering.fp8_attention``).
+the contract of :mod:`hadacore.kernels.fp8`).
 
 - An SDPA call without dropout (mask tensor or not) becomes one ``hadacore::fp8_attention``
   node (``rotate=True, quantize=True``): the R3 Hadamards the rotate pass put on Q and K
@@ -19,7 +19,7 @@ import numbers
 import torch
 from torch import fx
 
-from hadacore.fxpasses.context import AttentionBlock, PassContext
+from hadacore.fxpasses.context import AttentionBlock, PassContext, call_op, op_arguments
 from hadacore.fxpasses.stats import bump
 
 log = logging.getLogger("hadacore.compiler")
@@ -42,11 +42,9 @@ def _fuse_sdpa(ctx: PassContext, block: AttentionBlock, hq: fx.Node, hk: fx.Node
     if not (scale is None or isinstance(scale, numbers.Real)) or not isinstance(causal, bool):
         return "scale / is_causal are not constants"
     with ctx.graph.inserting_before(block.node):
-        new = ctx.graph.call_function(
-            torch.ops.hadacore.fp8_attention.default,
-            (hq.args[0], hk.args[0], call["value"], causal, None if scale is None else float(scale), True, True,
-             call.get("attn_mask")),
-        )
+        new = call_op(ctx.graph, torch.ops.hadacore.fp8_attention, q=op_arguments(hq)["x"], k=op_arguments(hk)["x"],
+                      v=call["value"], is_causal=causal, scale=None if scale is None else float(scale), rotate=True,
+                      quantize=True, attn_mask=call.get("attn_mask"))
     new.meta.update({k: v for k, v in block.node.meta.items() if k == "example_value"})
     block.node.replace_all_uses_with(new)
     ctx.graph.erase_node(block.node)
@@ -60,8 +58,6 @@ def _fuse_sdpa(ctx: PassContext, block: AttentionBlock, hq: fx.Node, hk: fx.Node
 def fp8_attention(ctx: PassContext) -> None:
     if not ctx.options.fp8_attention:
         return
-    import hadacore.lowering.fp8_attention  # noqa: F401  (registers hadacore::fp8_attention)
-
     for block in ctx.attention:
         pair = ctx.r3.get(block.name)
         if pair is None:
@@ -73,6 +69,10 @@ def fp8_attention(ctx: PassContext) -> None:
             continue
         log.info("hadacore: %s: FP8 Q/K by quantize-dequantize around the original attention (%s)", block.name, why)
         for had in pair:  # hadamard(x, s) -> fp8_qdq(x, s): R3 and the quantization in one op
-            had.target = torch.ops.hadacore.fp8_qdq.default
-            had.args = (had.args[0], float(had.args[1]))
+            a = op_arguments(had)
+            with ctx.graph.inserting_before(had):
+                qdq = call_op(ctx.graph, torch.ops.hadacore.fp8_qdq, x=a["x"], hadamard_scale=float(a["scale"]))
+            qdq.meta.update(had.meta)
+            had.replace_all_uses_with(qdq)
+            ctx.graph.erase_node(had)
             bump("fp8_qdq_inserted")

@@ -12,7 +12,7 @@ import torch
 from hadacore.fxpasses.context import PassContext, example_value, skip_dtype_casts
 from hadacore.fxpasses.rewrite_w4a16 import emit_w4a16
 from hadacore.fxpasses.stats import bump, skip
-from hadacore.quant.format import concat_output_rows
+from hadacore.formats.gptq import concat_output_rows
 
 log = logging.getLogger("hadacore.compiler")
 

@@ -1,4 +1,4 @@
-"""The pass manager: the ordered pass list, each run counted, graphs logged before/after."""
+"""The pass manager: the ordered pass list (lowering last), each run counted, graphs logged before/after."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ log = logging.getLogger("hadacore.compiler")
 Pass = Callable[[PassContext], None]
 
 
-def default_passes() -> list[tuple[str, Pass]]:
+def default_passes(*, lower: bool = True) -> list[tuple[str, Pass]]:
     """The passes in the order they run. Analysis first, then the rewrites that need the
     float weights (rotation), then quantization, then the ones that move GPTQ tensors
-    (permutation, horizontal fusion), then the final op rewrites."""
+    (permutation, horizontal fusion), then the final op rewrites, and last ``lower``, which
+    picks each fused op's per-device implementation (``lower=False`` leaves the generic,
+    exact ops: what pass tests compare at fp32 tolerances)."""
     from hadacore.fxpasses.block_graph import build_block_graph
     from hadacore.fxpasses.cleanup import cleanup
     from hadacore.fxpasses.find_attention import find_attention
@@ -28,9 +30,10 @@ def default_passes() -> list[tuple[str, Pass]]:
     from hadacore.fxpasses.quantize import quantize
     from hadacore.fxpasses.rotate import rotate_online
     from hadacore.fxpasses.fold_act_order import fold_act_order
+    from hadacore.fxpasses.lower import lower as lower_pass
     from hadacore.fxpasses.rewrite_w4a16 import rewrite_w4a16
 
-    return [
+    passes = [
         ("find_linears", find_linears),
         ("find_attention", find_attention),
         ("block_graph", build_block_graph),
@@ -42,6 +45,7 @@ def default_passes() -> list[tuple[str, Pass]]:
         ("fp8_attention", fp8_attention),
         ("cleanup", cleanup),
     ]
+    return passes + [("lower", lower_pass)] if lower else passes
 
 
 def run_passes(ctx: PassContext, passes: list[tuple[str, Pass]] | None = None) -> fx.GraphModule:

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import fx
 
-from hadacore.fxpasses.context import LinearSite, PassContext, example_value
+from hadacore.fxpasses.context import LinearSite, PassContext, call_op, example_value
 from hadacore.fxpasses.stats import bump, skip
 
 log = logging.getLogger("hadacore.compiler")
@@ -44,22 +44,15 @@ def emit_w4a16(ctx: PassContext, site: LinearSite, x: fx.Node, before: fx.Node, 
     if ctx.needs_grad:
         return _emit_dequant_linear(ctx, site, x, nodes, before, bias)
     with ctx.graph.inserting_before(before):
-        node = ctx.graph.call_function(
-            torch.ops.hadacore.w4a16_gemm.default,
-            (x, nodes["qweight"], nodes["qzeros"], nodes["scales"], nodes["g_idx"], bias, site.group_size,
-             ctx.options.split_k, ctx.options.deterministic),
-        )
-    return node
+        return call_op(ctx.graph, torch.ops.hadacore.w4a16_gemm, x=x, **nodes, bias=bias, group_size=site.group_size,
+                       split_k=ctx.options.split_k, deterministic=ctx.options.deterministic)
 
 
 def _emit_dequant_linear(ctx, site, x, nodes, before, bias) -> fx.Node:
     """The differentiable form ``linear(x, dequantize(W).to(x.dtype), bias)`` for autograd graphs."""
     ev = example_value(x)
     with ctx.graph.inserting_before(before):
-        w = ctx.graph.call_function(
-            torch.ops.hadacore.gptq_dequantize.default,
-            (nodes["qweight"], nodes["qzeros"], nodes["scales"], nodes["g_idx"], site.group_size, site.bits),
-        )
+        w = call_op(ctx.graph, torch.ops.hadacore.gptq_dequantize, **nodes, group_size=site.group_size, bits=site.bits)
         if ev is not None:
             w = ctx.graph.call_method("to", (w, ev.dtype))
         return ctx.graph.call_function(torch._C._nn.linear, (x, w, bias))

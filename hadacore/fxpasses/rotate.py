@@ -27,18 +27,16 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from hadacore.fxpasses.context import AttentionBlock, PassContext, example_value, is_call
+from hadacore.fxpasses.context import MATMUL_TARGETS, AttentionBlock, PassContext, call_op, example_value, is_call
 from hadacore.fxpasses.stats import bump, skip
 from hadacore.hadamard import check_hadamard_size
 
 log = logging.getLogger("hadacore.compiler")
 
-_HADAMARD = torch.ops.hadacore.hadamard.default
-
 
 def insert_hadamard(ctx: PassContext, x: fx.Node, n: int, before: fx.Node) -> fx.Node:
     with ctx.graph.inserting_before(before):
-        h = ctx.graph.call_function(_HADAMARD, (x, 1.0 / math.sqrt(n)))
+        h = call_op(ctx.graph, torch.ops.hadacore.hadamard, x=x, scale=1.0 / math.sqrt(n))
     if "example_value" in x.meta:
         h.meta["example_value"] = x.meta["example_value"]
     bump("hadamard_inserted")
@@ -81,11 +79,8 @@ def _replace_q_k(block: AttentionBlock, hq: fx.Node, hk: fx.Node, k_consumer: fx
 
 
 def _scores_matmul(block: AttentionBlock) -> fx.Node:
-    from hadacore.fxpasses.find_attention import _MATMUL
-    from hadacore.fxpasses.context import is_call
-
     node = block.node.args[0]
-    while not is_call(node, _MATMUL):
+    while not is_call(node, MATMUL_TARGETS):
         node = node.args[0]
     return node
 

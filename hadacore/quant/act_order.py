@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from hadacore.quant.format import pack_gptq, unpack_gptq
+from hadacore.formats.gptq import pack_gptq, unpack_gptq
 
 __all__ = [
     "act_order_perm",

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from hadacore.quant.format import pack_gptq
+from hadacore.formats.gptq import pack_gptq
 from hadacore.quant.rtn import quant_grid
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "act_order_perm_from_hessian", "hessian_error"]

@@ -1,28 +1,47 @@
-"""``QuantLinear``: a GPTQ-format linear layer written in plain, unfused ops.
+"""``QuantLinear``: a GPTQ-format linear layer, fast in eager mode and fused by the compiler.
 
-Its forward is ``[hadamard ->] gptq_dequantize -> linear``: eager mode is the numerical
-reference, and the compiler's passes recognise exactly this pattern and fuse it into
-``hadacore::w4a16_gemm`` (plus a Hadamard kernel when ``online_hadamard`` is set).
-Buffer names are those of GPTQ checkpoints, so state dicts load unchanged.
+One representation: the checkpoint's own GPTQ buffers (``qweight``, ``qzeros``, ``scales``,
+``g_idx``, ``bias``; state dicts load unchanged). Two ways to run it:
+
+- **fast** (the default forward in eager mode): the weight is prepared once for its
+  device, lazily on first use and again after ``.to(device)`` or an in-place update, and
+  every call runs the kernels the compiled graph runs. CPU: torch's int4 kernel for small
+  M, bf16 BLAS on a dequantized copy for large M (each prepared only when first needed;
+  16-bit activations, the W4A16 contract). CUDA: the Triton W4A16 GEMM. Act-order weights
+  are sorted by group once; the input gather is fused into the online Hadamard's store
+  when there is one, else it is an ``index_select``.
+- **reference** (:meth:`QuantLinear.reference`, and what ``forward`` traces to under
+  ``torch.compile``): ``[hadamard ->] gptq_dequantize -> linear`` in the input's own
+  precision. It is the numerical reference, and it is exactly the pattern the compiler's
+  passes recognise and rewrite into fused ``hadacore::*`` ops (with the same preparation
+  at compile time). :func:`reference_numerics` runs a whole model this way.
+
+Why a module that owns its prepared forms rather than a tensor subclass (torchao's
+``Int4OpaqueTensor``): the compiler's passes run on the Dynamo graph before AOTAutograd,
+where a subclass weight would have to be flattened and its dispatch undone before the
+passes could permute, fuse (q/k/v, gate/up) or fold act-order into neighbouring layers,
+all of which need the raw GPTQ tensors. A module keeps one plain pattern for the passes
+and one cached fast path for eager mode, with the same kernels behind both.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import hadacore.ops  # noqa: F401  (registers torch.ops.hadacore.*)
+from hadacore.formats.gptq import check_gptq_values, default_g_idx
+from hadacore.kernels.cpu.w4a16 import default_int4_max_m, int4pack_unsupported_reason, prepare_w4a16_cpu
 from hadacore.ops import block_hadamard_transform
-from hadacore.quant.format import check_gptq_values, default_g_idx
+from hadacore.quant.act_order import sort_by_group
 from hadacore.quant.rtn import rtn_gptq_tensors
 
-if TYPE_CHECKING:
-    from hadacore.lowering.w4a16 import PreparedW4A16
+__all__ = ["QuantLinear", "reference_numerics"]
 
-__all__ = ["QuantLinear"]
+_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
 class QuantLinear(nn.Module):
@@ -61,6 +80,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.online_hadamard, self.hadamard_block = online_hadamard, hadamard_block
+        self.numerics = "fast"
         self.register_buffer("qweight", torch.zeros(in_features // per, out_features, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(groups, out_features // per, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
@@ -74,7 +94,7 @@ class QuantLinear(nn.Module):
         name: str = "QuantLinear",
     ) -> "QuantLinear":
         """Wrap GPTQ tensors (``qweight``, ``qzeros``, ``scales``, optional ``g_idx``), validated
-        (:func:`~hadacore.quant.format.check_gptq_values`; ``name`` goes into the errors)."""
+        (:func:`~hadacore.formats.gptq.check_gptq_values`; ``name`` goes into the errors)."""
         g_idx = tensors.get("g_idx")
         n, k, _ = check_gptq_values(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, group_size,
                                     bits=bits, name=name)
@@ -86,6 +106,7 @@ class QuantLinear(nn.Module):
         layer.in_features, layer.out_features = k, n
         layer.bits, layer.group_size = bits, group_size
         layer.online_hadamard, layer.hadamard_block = online_hadamard, hadamard_block
+        layer.numerics = "fast"
         device = tensors["qweight"].device
         layer.register_buffer("qweight", tensors["qweight"])
         layer.register_buffer("qzeros", tensors["qzeros"])
@@ -116,21 +137,112 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.ops.hadacore.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.group_size, self.bits)
 
-    def prepare_cpu(self, **kwargs) -> "PreparedW4A16":
-        """This layer's weight converted once for the CPU op ``hadacore::w4a16_gemm_cpu``
-        (see :func:`hadacore.lowering.w4a16.prepare_w4a16_cpu` for ``kwargs``). The online
-        Hadamard, if any, is not included: apply it to the input first."""
-        from hadacore.lowering.w4a16 import prepare_w4a16_cpu
-
-        return prepare_w4a16_cpu(
-            self.qweight, self.qzeros, self.scales, self.g_idx, self.group_size, self.bias, bits=self.bits, **kwargs
-        )
-
+    # ------------------------------------------------------------------ the two forms
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.numerics == "reference" or torch.compiler.is_compiling():
+            return self.reference(x)  # under torch.compile: the pattern the passes fuse
+        return self._fast(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """``[hadamard ->] gptq_dequantize -> linear`` in x's precision: the numerical reference."""
         if self.online_hadamard:  # whole-K: one hadacore::hadamard call, the pattern the compiler fuses
             x = block_hadamard_transform(x, self.hadamard_block or self.in_features)
         w = self.dequantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor:
+        prepared = self._prepared_for(x.device)
+        if prepared is None:  # a device without a fast path (e.g. meta)
+            return self.reference(x)
+        perm, gemm = prepared
+        block = self.hadamard_block or self.in_features
+        if self.online_hadamard:
+            x = block_hadamard_transform(x, block, perm=perm)  # whole-K: the gather fused into the store
+        elif perm is not None:
+            x = x.index_select(-1, perm)
+        return gemm(x)
+
+    # ------------------------------------------------------------------ prepared forms
+    def _weight_key(self) -> tuple:
+        """Identity and version of the buffers: a prepared form is stale once they change."""
+        key = []
+        for name in _BUFFERS:
+            t = getattr(self, name)
+            if t is None:
+                key.append(None)
+                continue
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors carry no version counter
+                version = None
+            key.append((t.data_ptr(), t.device, t.dtype, version))
+        return tuple(key)
+
+    def _prepared_for(self, device: torch.device) -> Optional[tuple[Optional[torch.Tensor], Callable]]:
+        """``(input gather | None, gemm)`` for ``device``, built on first use (module docstring)."""
+        key = self._weight_key()
+        cache = self.__dict__.get("_prepared")
+        if cache is None or cache[0] != key:
+            cache = (key, {})
+            self.__dict__["_prepared"] = cache
+        forms = cache[1]
+        if device not in forms:
+            forms[device] = self._prepare(device)
+        return forms[device]
+
+    def _sorted_tensors(self) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        gptq = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        check_gptq_values(*gptq.values(), self.group_size, bits=self.bits, name=repr(self))
+        return sort_by_group(gptq, self.bits)
+
+    def _prepare(self, device: torch.device):
+        if device.type == "cpu":
+            return self._prepare_cpu()
+        if device.type == "cuda":
+            return self._prepare_cuda()
+        return None
+
+    def _prepare_cpu(self):
+        gptq, perm = self._sorted_tensors()
+        args = (gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq["g_idx"], self.group_size, self.bias)
+        k = self.in_features
+        limit = default_int4_max_m(k)
+        int4_ok = int4pack_unsupported_reason(k, self.group_size, gptq["g_idx"], self.bits)[0] is None
+        paths: dict[str, object] = {}  # "int4" / "dense": each prepared when first needed
+
+        def path(name: str):
+            if name not in paths:
+                paths[name] = (prepare_w4a16_cpu(*args, bits=self.bits, dense=False, int4_max_m=limit) if name == "int4"
+                               else prepare_w4a16_cpu(*args, bits=self.bits, int4=False))
+            return paths[name]
+
+        def gemm(x: torch.Tensor) -> torch.Tensor:
+            m = x.numel() // max(x.shape[-1], 1)
+            return path("int4" if int4_ok and m <= limit else "dense")(x)
+
+        return (None if perm is None else perm.to(torch.int64)), gemm
+
+    def _prepare_cuda(self):
+        gptq, perm = self._sorted_tensors()
+        g_idx = gptq["g_idx"]
+        if self.group_size != -1 and torch.equal(g_idx.long(), torch.arange(self.in_features, device=g_idx.device)
+                                                  // self.group_size):
+            g_idx = None  # contiguous groups: the kernel's fastest path, no per-call check
+
+        def gemm(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.hadacore.w4a16_gemm(x, gptq["qweight"], gptq["qzeros"], gptq["scales"], g_idx, self.bias,
+                                                 self.group_size, 0, False)
+
+        return (None if perm is None else perm.to(torch.int64)), gemm
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_prepared", None)  # closures over device-specific tensors: rebuilt on use
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_prepared", None)  # .to(device), .half(), ...: prepare again on next use
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         block = "" if self.hadamard_block is None else f", hadamard_block={self.hadamard_block}"
@@ -147,3 +259,18 @@ def _check_hadamard_block(in_features: int, online_hadamard: bool, hadamard_bloc
         raise ValueError(f"hadamard_block={hadamard_block} needs online_hadamard=True (it is the online rotation's block)")
     if hadamard_block <= 0 or in_features % hadamard_block:
         raise ValueError(f"hadamard_block {hadamard_block} must be a positive divisor of in_features {in_features}")
+
+
+@contextlib.contextmanager
+def reference_numerics(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every :class:`QuantLinear` of ``model`` in its reference form inside the block
+    (dequantize + linear in the input's precision: fp32 inputs compute exactly)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    before = [m.numerics for m in layers]
+    for m in layers:
+        m.numerics = "reference"
+    try:
+        yield model
+    finally:
+        for m, n in zip(layers, before):
+            m.numerics = n

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hadacore.quant.format import default_g_idx, pack_gptq
+from hadacore.formats.gptq import default_g_idx, pack_gptq
 
 __all__ = ["quant_grid", "quantize_rtn", "rtn_gptq_tensors"]
 

@@ -1,12 +1,12 @@
 """Triton W4A16 GEMM: ``y = x @ dequant(W).T (+ bias)`` for GPTQ v1 4-bit weights.
 
-Tensors are exactly those of :mod:`hadacore.quant.format` (v1 "gptq"): ``qweight``
+Tensors are exactly those of :mod:`hadacore.formats.gptq` (v1 "gptq"): ``qweight``
 int32 ``[K/8, N]`` packed along K, ``qzeros`` int32 ``[G, N/8]`` packed along N and
 stored as zero - 1 (read back as field + 1, unmasked, like every v1 reader), ``scales
 [G, N]``, ``g_idx [K]``. ``W[n, k] = (q[n, k] - zero[g, n]) * scale[g, n]`` with
 ``g = g_idx[k]``.
 
-Kernels (launch configurations come from :mod:`hadacore.lowering.w4a16_configs`):
+Kernels (launch configurations come from :mod:`hadacore.kernels.triton.w4a16_configs`):
 
 - ``_w4a16_splitk_kernel``: grid (M-tiles x N-tiles, SPLIT_K). Program ``pid_k`` owns
   one contiguous, group-aligned K range, so it loads each of its groups' scales/zeros
@@ -39,9 +39,9 @@ Group layouts (the ``GROUP_MODE`` constexpr; which one runs is decided per call)
   group of each k is ``k // group_size``, looked up per element. Exact, slower.
 - ``GATHERED`` (any other ``g_idx``, e.g. an unsorted act-order checkpoint): the group
   of each k is read from ``g_idx`` and scales/zeros are gathered per element. Exact,
-  slower. The fast act-order path is :func:`prepare_act_order` once, then the launcher
-  with ``perm=``: rows are stored sorted by group (so ``CONTIGUOUS`` runs) and the
-  A-load gathers x's columns through ``perm``.
+  slower. The fast act-order path sorts the weight by group once
+  (:func:`hadacore.quant.act_order.sort_by_group`) and gathers x's columns before the
+  call, so ``CONTIGUOUS`` runs.
 
 Numerics: the dequantized weight ``(q - zero) * scale`` is computed in fp32 (exact:
 a small integer times a <= 24-bit-mantissa scale). For ``tl.dot`` it is then rounded
@@ -63,17 +63,17 @@ dot up to accumulation order. The interpreter also rounds fp32 -> bf16 by trunca
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from hadacore.lowering.w4a16_configs import select_w4a16_config, split_k_ranges
-from hadacore.quant.format import pack_rows, unpack_rows, check_gptq_tensors, default_g_idx
+from hadacore.kernels.triton.w4a16_configs import select_w4a16_config, split_k_ranges
+from hadacore.formats.gptq import check_gptq_tensors, default_g_idx
 
-__all__ = ["w4a16_matmul_triton", "prepare_act_order", "ActOrderWeight", "group_mode"]
+__all__ = ["w4a16_matmul_triton", "group_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def _k_mask(offs_k, K, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _accumulate_block(
-    acc, k0, K, scale, zero, x_ptr, qweight_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
+    acc, k0, K, scale, zero, x_ptr, qweight_ptr, offs_m, offs_n, mask_m, mask_n,
     stride_xm, stride_xk, stride_qk, stride_qn,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """``acc += x[offs_m, cols(k)] @ W^T[k, offs_n]`` for the K-block ``k0 .. k0 + BLOCK_K``."""
@@ -130,10 +130,7 @@ def _accumulate_block(
     q = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
     q = tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
     w = (q.to(tl.float32) - zero) * scale  # [BLOCK_K, BLOCK_N], exact in fp32
-    if HAS_PERM:
-        cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)  # act-order: gather x's columns
-    else:
-        cols = offs_k
+    cols = offs_k
     rows = offs_m.to(tl.int64) * stride_xm
     if USE_DOT:
         a = tl.load(x_ptr + rows[:, None] + cols[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -150,11 +147,11 @@ def _accumulate_block(
 
 @triton.jit
 def _accumulate(
-    acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr,
+    acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr,
     offs_m, offs_n, mask_m, mask_n, K, k_start, k_end,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """Accumulate the K range ``[k_start, k_end)`` into ``acc`` (fp32)."""
     if GROUP_MODE == 1:  # CONTIGUOUS: k_start is group-aligned; one scale/zero load per group
@@ -164,9 +161,9 @@ def _accumulate(
             )
             for kk in tl.static_range(0, GROUP_SIZE, BLOCK_K):
                 acc = _accumulate_block(
-                    acc, k0 + kk, K, scale, zero, x_ptr, qweight_ptr, perm_ptr,
+                    acc, k0 + kk, K, scale, zero, x_ptr, qweight_ptr,
                     offs_m, offs_n, mask_m, mask_n, stride_xm, stride_xk, stride_qk, stride_qn,
-                    BLOCK_K, True, HAS_PERM, USE_DOT, FP32_DOT,
+                    BLOCK_K, True, USE_DOT, FP32_DOT,
                 )
     else:
         if GROUP_MODE == 0:  # PER_CHANNEL: a single scale row
@@ -190,9 +187,9 @@ def _accumulate(
                     mask_k[:, None] & mask_n[None, :], stride_sg, stride_sn, stride_zg, stride_zn,
                 )
             acc = _accumulate_block(
-                acc, k0, K, scale, zero, x_ptr, qweight_ptr, perm_ptr,
+                acc, k0, K, scale, zero, x_ptr, qweight_ptr,
                 offs_m, offs_n, mask_m, mask_n, stride_xm, stride_xk, stride_qk, stride_qn,
-                BLOCK_K, EVEN_K, HAS_PERM, USE_DOT, FP32_DOT,
+                BLOCK_K, EVEN_K, USE_DOT, FP32_DOT,
             )
     return acc
 
@@ -241,11 +238,11 @@ def _store_partial(
 
 @triton.jit
 def _w4a16_splitk_kernel(
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr, bias_ptr, part_ptr,
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_ptr, part_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_pk, stride_pm, stride_pn,
-    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -259,9 +256,9 @@ def _w4a16_splitk_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
-        acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
+        acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, offs_m, offs_n, mask_m, mask_n,
         K, k_start, k_end, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-        GROUP_SIZE, GROUP_MODE, BLOCK_K, HAS_PERM, EVEN_K, True, FP32_DOT,
+        GROUP_SIZE, GROUP_MODE, BLOCK_K, EVEN_K, True, FP32_DOT,
     )
     _store_partial(
         acc, part_ptr, bias_ptr, pid_k, offs_m, offs_n, mask_m, mask_n, stride_pk, stride_pm, stride_pn,
@@ -271,10 +268,10 @@ def _w4a16_splitk_kernel(
 
 @triton.jit
 def _w4a16_dp_kernel(
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_om, stride_on,
-    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -285,20 +282,20 @@ def _w4a16_dp_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
-        acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
+        acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, offs_m, offs_n, mask_m, mask_n,
         K, 0, K, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-        GROUP_SIZE, GROUP_MODE, BLOCK_K, HAS_PERM, EVEN_K, True, FP32_DOT,
+        GROUP_SIZE, GROUP_MODE, BLOCK_K, EVEN_K, True, FP32_DOT,
     )
     _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, HAS_BIAS)
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ok, stride_om, stride_on,
-    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One row per program. ``out_ptr``: the output (REDUCE 0) or the fp32 partials (1, 2)."""
@@ -315,9 +312,9 @@ def _w4a16_gemv_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
-        acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
+        acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, offs_m, offs_n, mask_m, mask_n,
         K, k_start, k_end, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-        GROUP_SIZE, GROUP_MODE, BLOCK_K, HAS_PERM, EVEN_K, False, False,
+        GROUP_SIZE, GROUP_MODE, BLOCK_K, EVEN_K, False, False,
     )
     if REDUCE == 0:
         _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, HAS_BIAS)
@@ -346,40 +343,6 @@ def _w4a16_splitk_reduce_kernel(part_ptr, out_ptr, MN, N, SPLIT_K, stride_pk, st
 # --------------------------------------------------------------------------- host side
 
 _INTERPRETED = not isinstance(_w4a16_dp_kernel, triton.runtime.JITFunction)
-
-
-class ActOrderWeight(NamedTuple):
-    """A GPTQ weight with its K rows sorted by group (see :func:`prepare_act_order`)."""
-
-    qweight: Tensor  # int32 [K/8, N], rows in sorted order
-    g_idx: Optional[Tensor]  # None when the sorted groups are contiguous runs of group_size
-    perm: Tensor  # int32 [K]: sorted row i holds original input column perm[i]
-
-
-def prepare_act_order(qweight: Tensor, g_idx: Tensor, group_size: int) -> ActOrderWeight:
-    """Repack an act-order (unsorted ``g_idx``) 4-bit weight with its K rows sorted by group.
-
-    Run once when the weight is loaded, then call
-    ``w4a16_matmul_triton(x, w.qweight, qzeros, scales, w.g_idx, perm=w.perm, ...)``:
-    scales/zeros are unchanged (they are indexed by group), the kernel runs the fast
-    contiguous-group path and gathers x's columns through ``perm`` in its A-load.
-    ``perm = argsort(g_idx, stable=True)``. A GPTQ act-order ``g_idx`` has exactly
-    ``group_size`` columns per group, so the sorted ``g_idx`` is ``k // group_size``
-    and is returned as None; any other ``g_idx`` is returned sorted (still exact; the
-    kernel then looks groups up per k).
-    """
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
-    k = qweight.shape[0] * 8
-    if g_idx.dim() != 1 or g_idx.shape[0] != k or g_idx.dtype.is_floating_point:
-        raise ValueError(f"g_idx must be an integer [K={k}] tensor, got {g_idx.dtype} {tuple(g_idx.shape)}")
-    if g_idx.device != qweight.device:
-        raise ValueError(f"g_idx is on {g_idx.device} but qweight is on {qweight.device}")
-    perm = torch.argsort(g_idx.to(torch.int64), stable=True)
-    qweight_sorted = pack_rows(unpack_rows(qweight, 4)[perm], 4)
-    g_sorted = g_idx[perm].to(torch.int32)
-    contiguous = group_size == -1 or torch.equal(g_sorted, default_g_idx(k, group_size, device=g_idx.device))
-    return ActOrderWeight(qweight_sorted, None if contiguous else g_sorted.contiguous(), perm.to(torch.int32))
 
 
 def _tensor_version(t: Tensor) -> Optional[int]:
@@ -422,7 +385,7 @@ def _check_device(x: Tensor) -> None:
         return
     raise RuntimeError(
         f"w4a16_matmul_triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before "
-        f"hadacore.kernels.w4a16 was imported; got a {x.device.type} tensor"
+        f"hadacore.kernels.triton.w4a16 was imported; got a {x.device.type} tensor"
         + ("" if _INTERPRETED else " without the interpreter")
         + ". hadacore.w4a16_matmul has a native CPU implementation."
     )
@@ -451,24 +414,22 @@ def w4a16_matmul_triton(
     split_k: int | str = "auto",
     deterministic: bool = False,
     config: Optional[dict] = None,
-    perm: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """``x [..., K] -> [..., N]`` in x's dtype: ``x @ dequant(W).T (+ bias)``, fp32 accumulation.
 
-    GPTQ v1 4-bit tensors as in :mod:`hadacore.quant.format`. ``g_idx``: the group of
+    GPTQ v1 4-bit tensors as in :mod:`hadacore.formats.gptq`. ``g_idx``: the group of
     each stored K row; None or ``k // group_size`` runs the contiguous-group path, any
-    other value the per-k gathered path (see the module docstring). ``perm``: stored
-    row k multiplies ``x[..., perm[k]]`` (from :func:`prepare_act_order`).
+    other value the per-k gathered path (see the module docstring). Act-order weights are
+    fastest sorted by group first (:func:`hadacore.quant.act_order.sort_by_group`) with
+    ``x[..., perm]`` gathered by the caller: then the contiguous path runs.
     ``split_k``: ``"auto"`` or a positive int (1 = no split). ``deterministic``: reduce
     SplitK partials in a fixed order (bitwise repeatable) instead of with atomics.
-    ``config``: dict of :class:`~hadacore.lowering.w4a16_configs.W4A16Config` fields
+    ``config``: dict of :class:`~hadacore.kernels.triton.w4a16_configs.W4A16Config` fields
     overriding the heuristic. ``out``: optional contiguous output tensor.
     """
     n, k, _ = check_gptq_tensors(qweight, qzeros, scales, g_idx, group_size, x=x, bias=bias)
     _check_device(x)
-    if perm is not None and (perm.dim() != 1 or perm.shape[0] != k or perm.dtype.is_floating_point or perm.device != x.device):
-        raise ValueError(f"perm must be an integer [K={k}] tensor on {x.device}, got {perm.dtype} {tuple(perm.shape)} on {perm.device}")
     out = _prepare_out(out, (*x.shape[:-1], n), x)
     x2 = x.reshape(-1, k)
     out2 = out.view(-1, n)
@@ -493,7 +454,6 @@ def w4a16_matmul_triton(
     common = dict(
         GROUP_SIZE=group_size if mode in (CONTIGUOUS, COMPUTED) else 1,
         GROUP_MODE=mode,
-        HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None,
         EVEN_K=k % cfg.block_k == 0,
         BLOCK_N=cfg.block_n,
@@ -504,7 +464,6 @@ def w4a16_matmul_triton(
     tensors = (
         x2, qweight, scales, qzeros,
         g_idx if g_idx is not None else qweight,  # dummies are never read (constexpr-disabled)
-        perm if perm is not None else qweight,
         bias if bias is not None else scales,
     )
     strides = (*x2.stride(), *qweight.stride(), *scales.stride(), *qzeros.stride())

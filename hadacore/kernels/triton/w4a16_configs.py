@@ -1,4 +1,4 @@
-"""Launch configurations for the Triton W4A16 GEMM (`hadacore.kernels.w4a16`).
+"""Launch configurations for the Triton W4A16 GEMM (`hadacore.kernels.triton.w4a16`).
 
 One table, keyed by M bucket, picks the kernel and its tile shape; a few rules then
 fit the tile to the problem (N, K, group size, dtype). Everything is overridable:

@@ -25,7 +25,7 @@ So only Q and K are FP8 (the ``QK^T`` GEMM); V, P, the softmax and all accumulat
 Devices: CPU (and anything not CUDA) runs :func:`fp8_attention_emulated` -- the same
 rotation and real ``float8_e4m3fn`` round trips, then exact fp32 attention on the
 dequantized values -- so accuracy can be measured anywhere. CUDA runs the Triton kernels in
-:mod:`hadacore.kernels.fp8_attention`: a fused R3 + quantize kernel that produces the same
+:mod:`hadacore.kernels.triton.fp8_attention`: a fused R3 + quantize kernel that produces the same
 scales and FP8 codes (up to a rare one-step difference where the rotation's fp32 sum,
 ordered differently, sits on a rounding boundary; :func:`prepare_qk` itself on GPUs
 without e4m3 support), then a flash-attention kernel with FP8 ``tl.dot`` on sm89+.
@@ -40,67 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hadacore.hadamard import check_hadamard_size
+from hadacore.kernels.checks import check_attention_args
+from hadacore.kernels.cpu.hadamard import hadamard_native
 
-__all__ = [
-    "FP8_DTYPE",
-    "FP8_MAX",
-    "check_attention_args",
-    "fp8_attention",
-    "fp8_attention_emulated",
-    "prepare_qk",
-    "quantize_fp8_per_head",
-    "r3_rotate",
-]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "fp8_attention_emulated", "prepare_qk", "quantize_fp8_per_head", "r3_rotate"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_attention_args(
-    q: Tensor, k: Tensor, v: Tensor, rotate: bool, attn_mask: Optional[Tensor] = None, is_causal: bool = False
-) -> int:
-    """Validate shapes/dtypes (metadata only: fake and symbolic tensors pass); return the GQA group.
-
-    ``q [B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S_kv, D]``; fp16/bf16/fp32, all one dtype
-    and device; ``Hq % Hkv == 0``; with ``rotate`` D must be a Hadamard size; ``attn_mask``
-    bool or q's float dtype, at most 4-D, same device, not together with ``is_causal``.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"fp8_attention: {name} must be [B, H, S, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"fp8_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"fp8_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"fp8_attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"fp8_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
-    if int(k.shape[3]) != d:
-        raise ValueError(f"fp8_attention: q head_dim {d} != k head_dim {int(k.shape[3])}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"fp8_attention: query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    torch._check(q.shape[0] == k.shape[0], lambda: f"fp8_attention: batch of q {q.shape[0]} != batch of k {k.shape[0]}")
-    if rotate:
-        check_hadamard_size(d, what="fp8_attention: head_dim for the R3 rotation")
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError("fp8_attention: pass either attn_mask or is_causal, not both (as SDPA)")
-        if attn_mask.dtype not in (torch.bool, q.dtype) or attn_mask.dim() > 4 or attn_mask.device != q.device:
-            raise ValueError(
-                f"fp8_attention: attn_mask must be bool or {q.dtype}, at most 4-D, on {q.device} "
-                f"(broadcastable to [B, Hq, S, S_kv]); got {attn_mask.dtype} {tuple(attn_mask.shape)} on {attn_mask.device}"
-            )
-    return hq // hkv
-
-
 def r3_rotate(x: Tensor) -> Tensor:
     """R3 in fp32: ``x.float() @ hadamard_matrix(D) / sqrt(D)`` along the last dim (orthonormal)."""
     d = x.shape[-1]
-    return torch.ops.hadacore.hadamard(x.float(), 1.0 / math.sqrt(d))
+    return hadamard_native(x.float(), 1.0 / math.sqrt(d))
 
 
 def quantize_fp8_per_head(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,58 +115,3 @@ def fp8_attention_emulated(
         qf, kf, v.float(), attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=group > 1
     )
     return out.to(out_dtype)
-
-
-# --------------------------------------------------------------------------- the op
-
-
-@torch.library.custom_op("hadacore::fp8_attention", mutates_args=())
-def _fp8_attention_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    rotate: bool = True,
-    quantize: bool = True,
-    attn_mask: Optional[Tensor] = None,
-) -> Tensor:
-    """Attention with R3 and FP8 Q/K; ``[B, Hq, S, D]`` in q's dtype (see the module docstring)."""
-    return fp8_attention_emulated(q, k, v, is_causal, scale, rotate, quantize, attn_mask)
-
-
-@_fp8_attention_op.register_kernel("cuda")
-def _fp8_attention_cuda(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True, attn_mask=None):
-    from hadacore.kernels.fp8_attention import fp8_attention_triton
-
-    return fp8_attention_triton(
-        q, k, v, is_causal=is_causal, scale=scale, rotate=rotate, quantize=quantize, attn_mask=attn_mask
-    )
-
-
-@_fp8_attention_op.register_fake
-def _fp8_attention_fake(q, k, v, is_causal=False, scale=None, rotate=True, quantize=True, attn_mask=None):
-    check_attention_args(q, k, v, rotate, attn_mask, is_causal)
-    return q.new_empty(q.shape)  # contiguous, like both real implementations
-
-
-def fp8_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    rotate: bool = True,
-    quantize: bool = True,
-    attn_mask: Optional[Tensor] = None,
-) -> Tensor:
-    """``SDPA(q, k, v)`` with R3 (``rotate``) and FP8 e4m3 Q/K (``quantize``), via ``hadacore::fp8_attention``.
-
-    ``q [B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S_kv, D]`` (GQA when ``Hkv < Hq``), fp16/bf16/
-    fp32; ``scale`` defaults to ``1/sqrt(D)``; ``is_causal`` and ``attn_mask`` (bool: attend
-    where true, or additive in q's dtype; broadcastable to ``[B, Hq, S, S_kv]``) as in SDPA;
-    a row with nothing to attend to gives 0. Returns a new contiguous ``[B, Hq, S, D]``
-    tensor of q's dtype. Only the ``Q K^T`` product is FP8.
-    """
-    return torch.ops.hadacore.fp8_attention(q, k, v, is_causal, scale, rotate, quantize, attn_mask)

@@ -16,7 +16,7 @@ sum ``l``, rescaled fp32 accumulator), as in Triton's fused-attention tutorial:
 
 Q and K reach it through ``_r3_fp8_quant_kernel`` (R3 as one ``tl.dot`` with H_D, per-head
 amax by atomic max, then an exact round-to-nearest-even e4m3 store), or through torch ops
-(:func:`hadacore.lowering.fp8_attention.prepare_qk`) where the GPU cannot store e4m3.
+(:func:`hadacore.kernels.fp8.prepare_qk`) where the GPU cannot store e4m3.
 
 Operands of other dtypes take the same kernel: 16-bit Q/K (``quantize=False``, or FP8
 values widened exactly to fp16 on GPUs without FP8 dots) and fp32 (``ieee`` dots, never
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hadacore.lowering.fp8_attention import check_attention_args, prepare_qk
+from hadacore.kernels.fp8 import check_attention_args, prepare_qk
 
 __all__ = ["attention_fwd_triton", "fp8_attention_triton", "r3_quantize_fp8_triton", "supports_fp8_dot"]
 
@@ -410,7 +410,7 @@ def fp8_attention_triton(
     out: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """``hadacore::fp8_attention`` in Triton (semantics: :mod:`hadacore.lowering.fp8_attention`).
+    """``hadacore::fp8_attention`` in Triton (semantics: :mod:`hadacore.kernels.fp8`).
 
     Two steps: R3 + per-head FP8 quantization of Q and K, then one attention kernel.
     ``fused_prep`` (default: with FP8 on a device that converts to it) quantizes with

@@ -1,4 +1,4 @@
-"""FX-level lowering: pick, per device, the implementation of each fused ``hadacore::*`` node.
+"""The last pass: lower each fused ``hadacore::*`` node to its per-device implementation.
 
 The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged.
 
@@ -6,11 +6,11 @@ The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged.
   Triton kernel; the SplitK config is chosen at run time from the real M inside the op,
   so a dynamic batch/sequence never forces a recompile.
 - CPU: the weight is prepared once, at compile time
-  (``hadacore.lowering.w4a16.prepare_w4a16_cpu``: repacked for torch's int4 kernel plus a
+  (:func:`hadacore.kernels.cpu.w4a16.prepare_w4a16_cpu`: repacked for torch's int4 kernel plus a
   bf16 copy for larger M) and the prepared tensors become graph constants. When M (rows
   of x) provably lies on one side of ``int4_max_m`` for every size, as in a static decode
   step (M = batch) or a fixed-length prefill, the node becomes that path's plain aten
-  code (:func:`~hadacore.lowering.w4a16.int4_linear` or ``bf16_linear``), which
+  code (:func:`~hadacore.kernels.cpu.w4a16.int4_linear` or ``bf16_linear``), which
   AOTAutograd traces: Inductor fuses its casts and gather into the neighbouring kernels
   and calls the int4 kernel directly, and only that path's tensors are kept. Otherwise
   (dynamic M) it becomes ``hadacore::w4a16_gemm_cpu``, which picks the path per call,
@@ -19,7 +19,7 @@ The choice is recorded in ``node.meta["hadacore_lowering"]`` and logged.
   tolerance (~1e-2), not fp32's. Like compile-time quantization it snapshots the weights.
 - CPU Hadamard: when x is provably small (decode-sized; ``use_matmul_form``),
   ``hadacore::hadamard`` becomes
-  :func:`~hadacore.lowering.hadamard.hadamard_by_matmuls`: the same factor matrices as
+  :func:`~hadacore.kernels.cpu.hadamard.hadamard_by_matmuls`: the same factor matrices as
   graph constants and a few matmuls that Inductor compiles (no Python op dispatch per
   call, which costs more than the transform itself at decode sizes). Larger inputs keep
   the op, whose blocked native path keeps its work buffers in L2.
@@ -40,9 +40,11 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hadacore.fxpasses.cleanup import drop_unused_constants, eliminate_dead_code
-from hadacore.fxpasses.context import PassContext, example_value, is_call
-from hadacore.lowering.hadamard import hadamard_by_matmuls, matmul_plan, use_matmul_form
-from hadacore.lowering.w4a16 import bf16_linear, default_int4_max_m, int4_linear, prepare_w4a16_cpu
+from hadacore.fxpasses.context import PassContext, example_value, is_call, op_arguments
+from hadacore.kernels.checks import check_perm_values
+from hadacore.kernels.cpu.hadamard import hadamard_by_matmuls, matmul_plan, use_matmul_form
+from hadacore.kernels.cpu.w4a16 import bf16_linear, default_int4_max_m, int4_linear, prepare_w4a16_cpu
+from hadacore.quant.act_order import sort_by_group
 
 __all__ = ["lower", "known_multiple"]
 
@@ -72,7 +74,8 @@ def _replace(ctx: PassContext, node: fx.Node, fn: Any, args: tuple) -> fx.Node:
 
 
 def _lower_w4a16(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, str]:
-    x = example_value(node.args[0])
+    a = op_arguments(node)
+    x = example_value(a["x"])
     device = x.device.type if x is not None else "cpu"
     k = x.shape[-1] if x is not None else None
     if device == "cuda":
@@ -80,23 +83,23 @@ def _lower_w4a16(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, str]:
         return node, "cuda:triton-w4a16" + ("" if k is None or not known_multiple(k, 64) else " (K%64==0)")
     if device != "cpu":
         return node, f"{device}:native"
-    _, qweight, qzeros, scales, g_idx, bias, group_size = node.args[:7]
-    tensors = [ctx.constant(a) for a in (qweight, qzeros, scales)]
-    gi = ctx.constant(g_idx) if g_idx is not None else None
-    if any(t is None for t in tensors) or (g_idx is not None and gi is None):
+    bias, group_size = a["bias"], a["group_size"]
+    tensors = {name: ctx.constant(a[name]) for name in ("qweight", "qzeros", "scales", "g_idx")}
+    if any(t is None and a[name] is not None for name, t in tensors.items()):
         return node, "cpu:native (weights are not constants)"
+    gptq, perm = sort_by_group({k: t for k, t in tensors.items() if t is not None})  # act-order: x gathered
     # Which side of the int4/bf16 threshold M lies on, if that is provable for every size:
     # then only that path's tensors are prepared and the node becomes its plain aten code.
-    m, limit = _rows(x), default_int4_max_m(tensors[0].shape[0] * 8)  # 4-bit: 8 weights per int32 of K
+    m, limit = _rows(x), default_int4_max_m(gptq["qweight"].shape[0] * 8)  # 4-bit: 8 weights per int32 of K
     small = m is not None and statically_known_true(m <= limit)
     large = m is not None and statically_known_true(m > limit)
-    prepared = prepare_w4a16_cpu(*tensors, gi, group_size, dense=False if small else None, int4=not large,
-                                 int4_max_m=limit)
+    prepared = prepare_w4a16_cpu(gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq.get("g_idx"), group_size,
+                                 perm=perm, dense=False if small else None, int4=not large, int4_max_m=limit)
     args = {
         name: None if t is None else ctx.add_constant(f"{node.name}.{name}", t, node)
         for name, t in zip(("packed", "scales_and_zeros", "weight", "perm"), prepared.op_args()[:4])
     }
-    x_node = node.args[0]
+    x_node = a["x"]
     if prepared.weight is None:
         choice = f"cpu:int4 (M <= {limit} known at compile time)"
         new = _replace(ctx, node, int4_linear, (
@@ -125,18 +128,22 @@ def _rows(x: Any) -> Any:
 
 
 def _lower_hadamard(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, str]:
-    x = example_value(node.args[0])
+    a = op_arguments(node)
+    x = example_value(a["x"])
     if x is None or x.device.type != "cpu":
         return node, "op" if x is None else f"{x.device.type}:op"
     n = x.shape[-1]
     if not isinstance(n, int) or n < 2 or not statically_known_true(use_matmul_form(_rows(x), n)):
         return node, "cpu:op (x not known to be small)"
-    args = list(node.args) + [None] * (4 - len(node.args))
-    scale = node.kwargs.get("scale", args[1] if args[1] is not None else 1.0)
-    signs, perm = node.kwargs.get("signs", args[2]), node.kwargs.get("perm", args[3])
-    matrices, afters = matmul_plan(n, float(scale), x.dtype, x.device, signed=signs is not None)
+    perm = a["perm"]
+    if perm is not None:  # the op checks its values per call; the matmul form once, here
+        value = ctx.constant(perm)
+        if value is None:
+            return node, "cpu:op (perm is not a constant)"
+        check_perm_values(value, n)
+    matrices, afters = matmul_plan(n, float(a["scale"]), x.dtype, x.device, signed=a["signs"] is not None)
     mats = [ctx.add_constant(f"{node.name}.h{i}", h, node) for i, h in enumerate(matrices)]
-    new = _replace(ctx, node, hadamard_by_matmuls, (node.args[0], signs, perm, mats, afters))
+    new = _replace(ctx, node, hadamard_by_matmuls, (a["x"], a["signs"], perm, mats, afters))
     return new, "cpu:matmuls " + "x".join(str(h.shape[0]) for h in matrices) + f" ({matrices[0].dtype})"
 
 

@@ -1,0 +1,1 @@
+"""Native torch kernels for CPU (and any non-CUDA device)."""
