@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 MODEL ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -35,5 +35,14 @@ bench: setup
 	$(PY) benchmarks/hadamard.py
 	$(PY) benchmarks/w4a16.py
 
+# On a CUDA machine, offline: a venv over the system's torch + Triton, hadacore installed
+# without dependencies, then every gpu-marked test and the GPU benchmarks in one Markdown
+# report (gpu-report.md), in under 8 minutes.
+GPU_VENV ?= .venv-gpu
+gpu-check:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(GPU_VENV)/bin/python tools/gpu_check.py --out gpu-report.md
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build dist *.egg-info gpu-report.md gpu-junit.xml

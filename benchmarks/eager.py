@@ -119,11 +119,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--layer-only", action="store_true")
+    p.add_argument("--decode-only", action="store_true")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
-    layer_table(a.reps)
+    if not a.decode_only:
+        layer_table(a.reps)
     if not a.layer_only:
         decode_table(a.reps, a.tokens)
 

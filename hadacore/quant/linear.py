@@ -27,6 +27,7 @@ and one cached fast path for eager mode, with the same kernels behind both.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -34,7 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadacore.formats.gptq import check_gptq_values, default_g_idx
-from hadacore.kernels.cpu.w4a16 import default_int4_max_m, int4pack_unsupported_reason, prepare_w4a16_cpu
+from hadacore.kernels.cpu.hadamard import hadamard_by_matmuls, matmul_plan, use_matmul_form
+from hadacore.kernels.cpu.w4a16 import (
+    bf16_linear, default_int4_max_m, int4_linear, int4pack_unsupported_reason, prepare_w4a16_cpu,
+)
 from hadacore.ops import block_hadamard_transform
 from hadacore.quant.act_order import sort_by_group
 from hadacore.quant.rtn import rtn_gptq_tensors
@@ -42,6 +46,78 @@ from hadacore.quant.rtn import rtn_gptq_tensors
 __all__ = ["QuantLinear", "reference_numerics"]
 
 _BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+class _CPUPath:
+    """A QuantLinear's CPU fast path: the compiled graph's kernels, called directly.
+
+    The int4 form (small M) and the dense bf16 form (large M) are each prepared when first
+    needed; small online Hadamards run as the compiled graph's constant matmuls, larger
+    ones through the op's blocked kernel. The input gather of an act-order weight rides on
+    the Hadamard when there is one (whole-K), else it is one ``index_select``.
+    """
+
+    def __init__(self, layer: "QuantLinear"):
+        gptq, perm = layer._sorted_tensors()
+        self.args = (gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq["g_idx"], layer.group_size)
+        self.bits, self.bias, self.n = layer.bits, layer.bias, layer.out_features
+        self.perm = None if perm is None else perm.to(torch.int64)
+        self.limit = default_int4_max_m(layer.in_features)
+        self.int4_ok = int4pack_unsupported_reason(layer.in_features, layer.group_size, gptq["g_idx"], layer.bits)[0] is None
+        self.block = (layer.hadamard_block or layer.in_features) if layer.online_hadamard else None
+        self.int4 = self.dense = None
+        self.rotations: dict[torch.dtype, tuple] = {}
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        k, b = x.shape[-1], self.block
+        rows = x.numel() // b
+        if not use_matmul_form(rows, b):
+            return block_hadamard_transform(x, b, perm=self.perm)
+        if x.dtype not in self.rotations:
+            self.rotations[x.dtype] = matmul_plan(b, 1.0 / math.sqrt(b), x.dtype, x.device)
+        y = hadamard_by_matmuls(x if b == k else x.unflatten(-1, (k // b, b)), None,
+                                self.perm if b == k else None, *self.rotations[x.dtype])
+        if b != k:
+            y = y.flatten(-2)
+            if self.perm is not None:
+                y = y.index_select(-1, self.perm)
+        return y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is not None:
+            x = self._rotate(x)
+        elif self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        m = x.numel() // x.shape[-1]
+        if self.int4_ok and m <= self.limit:
+            if self.int4 is None:
+                self.int4 = prepare_w4a16_cpu(*self.args, bits=self.bits, dense=False, int4_max_m=self.limit)
+            p = self.int4
+            return int4_linear(x, p.packed, p.scales_and_zeros, None, self.bias, p.int4_group_size, self.n)
+        if self.dense is None:
+            self.dense = prepare_w4a16_cpu(*self.args, bits=self.bits, int4=False)
+        return bf16_linear(x, self.dense.weight, self.bias)
+
+
+class _CUDAPath:
+    """A QuantLinear's CUDA fast path: the Triton W4A16 GEMM on the weight sorted by group."""
+
+    def __init__(self, layer: "QuantLinear"):
+        gptq, perm = layer._sorted_tensors()
+        g_idx = gptq["g_idx"]
+        k, gs = layer.in_features, layer.group_size
+        if gs != -1 and torch.equal(g_idx.long(), torch.arange(k, device=g_idx.device) // gs):
+            g_idx = None  # contiguous groups: the kernel's fastest path, and no per-call check
+        self.tensors = (gptq["qweight"], gptq["qzeros"], gptq["scales"], g_idx, layer.bias, gs)
+        self.perm = None if perm is None else perm.to(torch.int64)
+        self.block = (layer.hadamard_block or k) if layer.online_hadamard else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is not None:
+            x = block_hadamard_transform(x, self.block, perm=self.perm)  # whole-K: gather fused into the store
+        elif self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return torch.ops.hadacore.w4a16_gemm(x, *self.tensors, 0, False)
 
 
 class QuantLinear(nn.Module):
@@ -151,89 +227,38 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
-        prepared = self._prepared_for(x.device)
-        if prepared is None:  # a device without a fast path (e.g. meta)
-            return self.reference(x)
-        perm, gemm = prepared
-        block = self.hadamard_block or self.in_features
-        if self.online_hadamard:
-            x = block_hadamard_transform(x, block, perm=perm)  # whole-K: the gather fused into the store
-        elif perm is not None:
-            x = x.index_select(-1, perm)
-        return gemm(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self!r}: x has {x.shape[-1]} input features, the layer {self.in_features}")
+        path = self._fast_path(x.device)
+        return self.reference(x) if path is None else path(x)
 
     # ------------------------------------------------------------------ prepared forms
     def _weight_key(self) -> tuple:
-        """Identity and version of the buffers: a prepared form is stale once they change."""
-        key = []
-        for name in _BUFFERS:
-            t = getattr(self, name)
-            if t is None:
-                key.append(None)
-                continue
-            try:
-                version = t._version
-            except RuntimeError:  # inference tensors carry no version counter
-                version = None
-            key.append((t.data_ptr(), t.device, t.dtype, version))
-        return tuple(key)
+        """Which tensors, at which version: a prepared form is stale once they change (this runs
+        on every eager call, so it is written for speed)."""
+        q, z, s, g, b = self.qweight, self.qzeros, self.scales, self.g_idx, self.bias
+        try:
+            return (id(q), q._version, id(z), z._version, id(s), s._version, id(g), g._version, id(b),
+                    None if b is None else b._version)
+        except RuntimeError:  # inference tensors carry no version counter: identity only
+            return (id(q), id(z), id(s), id(g), id(b))
 
-    def _prepared_for(self, device: torch.device) -> Optional[tuple[Optional[torch.Tensor], Callable]]:
-        """``(input gather | None, gemm)`` for ``device``, built on first use (module docstring)."""
+    def _fast_path(self, device: torch.device) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """This layer's fast path on ``device``, built on first use (module docstring)."""
         key = self._weight_key()
         cache = self.__dict__.get("_prepared")
         if cache is None or cache[0] != key:
-            cache = (key, {})
-            self.__dict__["_prepared"] = cache
-        forms = cache[1]
-        if device not in forms:
-            forms[device] = self._prepare(device)
-        return forms[device]
+            cache = self.__dict__["_prepared"] = (key, {})
+        paths = cache[1]
+        if device not in paths:
+            paths[device] = (_CPUPath(self) if device.type == "cpu" else _CUDAPath(self) if device.type == "cuda"
+                             else None)
+        return paths[device]
 
     def _sorted_tensors(self) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
         gptq = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
         check_gptq_values(*gptq.values(), self.group_size, bits=self.bits, name=repr(self))
         return sort_by_group(gptq, self.bits)
-
-    def _prepare(self, device: torch.device):
-        if device.type == "cpu":
-            return self._prepare_cpu()
-        if device.type == "cuda":
-            return self._prepare_cuda()
-        return None
-
-    def _prepare_cpu(self):
-        gptq, perm = self._sorted_tensors()
-        args = (gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq["g_idx"], self.group_size, self.bias)
-        k = self.in_features
-        limit = default_int4_max_m(k)
-        int4_ok = int4pack_unsupported_reason(k, self.group_size, gptq["g_idx"], self.bits)[0] is None
-        paths: dict[str, object] = {}  # "int4" / "dense": each prepared when first needed
-
-        def path(name: str):
-            if name not in paths:
-                paths[name] = (prepare_w4a16_cpu(*args, bits=self.bits, dense=False, int4_max_m=limit) if name == "int4"
-                               else prepare_w4a16_cpu(*args, bits=self.bits, int4=False))
-            return paths[name]
-
-        def gemm(x: torch.Tensor) -> torch.Tensor:
-            m = x.numel() // max(x.shape[-1], 1)
-            return path("int4" if int4_ok and m <= limit else "dense")(x)
-
-        return (None if perm is None else perm.to(torch.int64)), gemm
-
-    def _prepare_cuda(self):
-        gptq, perm = self._sorted_tensors()
-        g_idx = gptq["g_idx"]
-        if self.group_size != -1 and torch.equal(g_idx.long(), torch.arange(self.in_features, device=g_idx.device)
-                                                  // self.group_size):
-            g_idx = None  # contiguous groups: the kernel's fastest path, no per-call check
-
-        def gemm(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.hadacore.w4a16_gemm(x, gptq["qweight"], gptq["qzeros"], gptq["scales"], g_idx, self.bias,
-                                                 self.group_size, 0, False)
-
-        return (None if perm is None else perm.to(torch.int64)), gemm
 
     def __getstate__(self):
         state = dict(self.__dict__)

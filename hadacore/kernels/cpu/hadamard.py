@@ -13,18 +13,9 @@ buffers stay in L2 and every factor runs in cache: main memory sees one read of 
 and one write of the output (plus nothing else), instead of one round trip per factor.
 fp32 accumulation (fp64 for fp64 input) and a single rounding when the block is stored.
 
-The factor plan and block size were chosen by ``benchmarks/hadamard.py`` and a sweep
-on this project's 2-core CPU (Xeon, AVX-512, 2 MiB L2 per core), 16M fp32 elements,
-one thread, best of 9 (times as multiples of the ``copy_`` memory floor):
-
-    n=64     [64] 3.3x      [8, 8] 4.6x
-    n=128    [8, 16] 3.6x   [16, 8] 4.3x   [128] 4.5x
-    n=1024   [32, 32] 3.2x  [16, 64] 3.7x  [64, 16] 3.9x
-    n=4096   [16, 16, 16] 4.2x   [64, 64] 4.7x   [32, 128] 4.8x
-    n=16384  [16, 32, 32] 4.2x   [32, 32, 16] 4.4x   [128, 128] 7.9x
-    block    128K elements best at every n (64K/256K within 10%, 32K 10-60% slower)
-
-i.e. one dense factor up to 64, otherwise the fewest factors of at most 32, smallest
+The factor plan and block size were chosen by ``benchmarks/hadamard.py`` and a sweep on
+this project's 2-core CPU (table in BENCHMARKS.md, "Hadamard on CPU: factor plans"):
+one dense factor up to 64, otherwise the fewest factors of at most 32, smallest
 first. Small factors keep the flop count low (2 * sum(factors) per element) while
 staying big enough for BLAS to run at speed.
 
@@ -33,10 +24,7 @@ this CPU) multiplies bf16 by the +-1 matrix with fp32 accumulation and rounds on
 a dense ``x @ H_n`` is exact by our contract and much faster than converting to fp32.
 It needs the folded matrix ``scale * diag(signs) * H_n`` to be exact in bf16 (scale a
 bf16 value, signs +-1); otherwise (e.g. ``scale = 1/24`` for n = 576) the blocked fp32
-path runs. 1M bf16 elements, one thread, best of 9, ms (dense bf16 / blocked fp32):
-
-    n=64 0.21/1.65   n=256 0.38/1.60   n=576 0.80/1.75   n=768 1.17/2.10
-    n=1024 1.58/1.43   n=1536 7.98/2.67   n=2048 12.4/1.77
+path runs. Measured up to n = 768 (BENCHMARKS.md, same section).
 
 fp16 gets no such path: the CPU fp16 matmul is 1-40x slower than the blocked path.
 """

@@ -248,26 +248,32 @@ def int4_linear(
     the neighbouring kernels and calls the int4 kernel directly (no Python op dispatch).
     """
     k = x.shape[-1]
-    x2 = x.reshape(-1, k).to(CPU_COMPUTE_DTYPE)
+    x2 = x.reshape(-1, k)
+    if x2.dtype != CPU_COMPUTE_DTYPE:
+        x2 = x2.to(CPU_COMPUTE_DTYPE)
     if perm is not None:
         x2 = x2.index_select(1, perm)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, scales_and_zeros)
-    return _finish(y[:, :out_features], x, bias)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+    return _finish(y if y.shape[1] == out_features else y[:, :out_features], x, bias)
 
 
 def bf16_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The dense path: bf16 BLAS on the dequantized bf16 weight (emitted as is when M is known large)."""
-    k = x.shape[-1]
-    y = F.linear(x.reshape(-1, k).to(CPU_COMPUTE_DTYPE), weight)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2 if x2.dtype == CPU_COMPUTE_DTYPE else x2.to(CPU_COMPUTE_DTYPE), weight)
     return _finish(y, x, bias)
 
 
 def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """bf16 ``y [M, N]`` -> x's dtype, plus bias, in x's leading shape."""
-    y = y.to(x.dtype)
+    """bf16 ``y [M, N]`` -> x's dtype, plus bias, in x's leading shape (no op that would be a no-op:
+    in eager mode each costs a dispatch)."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def w4a16_gemm_prepared(
