@@ -70,7 +70,7 @@ def logits(m, ids):
 @pytest.mark.parametrize("rotate,tp", [("none", 1), ("offline", 1), ("full", 1), ("full", 2), ("full", 4)])
 def test_rotation_is_exact(model, tokens, rotate, tp):
     rotated = copy.deepcopy(model)
-    rotate_model(rotated, rotate=rotate, seed=3, tp=tp)
+    rotate_model(rotated, rotate=rotate, seed=3, r4_block=INTER // tp)
     assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight  # untied
     assert not rotated.config.tie_word_embeddings
     for layer in rotated.model.layers:  # gains folded

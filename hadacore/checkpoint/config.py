@@ -11,12 +11,21 @@ The contract is also stored in every safetensors file's metadata (key
 :data:`ONLINE_METADATA_KEY`), so a ``config.json`` whose rotations were removed or edited
 no longer agrees with its tensors and loading fails instead of computing another model.
 
-A checkpoint that needs online rotations must not load as plain GPTQ anywhere: other
-loaders would drop the rotation and compute garbage without a word. Its config therefore
-says ``model_type: "hadacore_llama"`` (transformers, and the GPTQModel, vLLM and SGLang
-loaders that start from transformers' ``AutoConfig``, refuse an unknown model type) and
-``quant_method: "hadacore"`` (vLLM, SGLang and GPTQModel refuse an unknown method even when
-the model type is overridden). Plain checkpoints are ordinary ``llama`` + ``gptq``.
+Two on-disk formats, chosen by :attr:`CheckpointConfig.format`:
+
+- ``"gptq"``: GPTQ v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``). A checkpoint
+  that needs online rotations must not load as plain GPTQ anywhere: other loaders would
+  drop the rotation and compute garbage without a word. Its config therefore says
+  ``model_type: "hadacore_llama"`` (transformers, and the GPTQModel, vLLM and SGLang loaders
+  that start from transformers' ``AutoConfig``, refuse an unknown model type) and
+  ``quant_method: "hadacore"`` (vLLM, SGLang and GPTQModel refuse an unknown method even
+  when the model type is overridden). Plain checkpoints are ordinary ``llama`` + ``gptq``.
+  Foreign GPTQ checkpoints (GPTQModel, AutoGPTQ: v1 or v2 zeros, ``quantize_config.json``)
+  are read too.
+- ``"compressed-tensors"``: the ``pack-quantized`` W4A16 scheme vLLM reads
+  (:mod:`hadacore.formats.compressed_tensors`), with the online R4 as a ``transform_config``
+  input transform of type ``hadamard`` (Sylvester, ``head_dim`` = the block), which vLLM
+  applies. transformers' compressed-tensors loader does not apply ``transform_config``.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ __all__ = [
 #: 2: the runtime contract is also in the safetensors metadata; rotated checkpoints use
 #: the ``hadacore_llama`` model type and ``hadacore`` quant method.
 FORMAT_VERSION = 2
+FORMATS = ("gptq", "compressed-tensors")
+#: The compressed-tensors version whose reader the exported checkpoints are tested against.
+COMPRESSED_TENSORS_VERSION = "0.20.1"
 ONLINE_METADATA_KEY = "hadacore.online"
 ROTATED_MODEL_TYPE = "hadacore_llama"
 ROTATED_ARCHITECTURE = "HadacoreLlamaForCausalLM"
@@ -128,25 +140,59 @@ class CheckpointConfig:
     inverses for everything hadacore writes."""
 
     model: dict  # transformers config fields; model_type is the base one ("llama")
-    gptq: GPTQSpec
+    gptq: GPTQSpec  # bits, group size, symmetry (and for "gptq", the GPTQ layout)
     online: OnlineRotations = OnlineRotations()
     dtype: torch.dtype = torch.float16
     provenance: dict = field(default_factory=dict)  # the hadacore block minus the contract
+    format: str = "gptq"
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.format == "compressed-tensors":
+            if self.gptq.bits != 4 or self.gptq.desc_act:
+                raise ValueError("compressed-tensors export is 4-bit with contiguous groups (no act-order g_idx)")
 
     # ------------------------------------------------------------------ writing
     def to_json(self) -> dict:
         cfg = {k: v for k, v in self.model.items() if k not in ("quantization_config", "hadacore", "torch_dtype")}
-        g = self.gptq
-        qc = {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.desc_act,
-              "sym": g.sym, "checkpoint_format": g.checkpoint_format, **dict(g.extra)}
         hc = {"format_version": FORMAT_VERSION, **self.provenance, "online": self.online.to_json(),
               "r4_block_size": self.online.r4_block, "base_model_type": cfg.get("model_type", "llama")}
         hc["online"].pop("r4_block_size")
-        if self.online.needed:  # refused by every loader that would ignore the rotation (module docstring)
-            cfg.update(model_type=ROTATED_MODEL_TYPE, architectures=[ROTATED_ARCHITECTURE])
-            qc["quant_method"] = ROTATED_QUANT_METHOD
+        if self.format == "compressed-tensors":
+            qc = self._compressed_tensors_config()
+        else:
+            g = self.gptq
+            qc = {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.desc_act,
+                  "sym": g.sym, "checkpoint_format": g.checkpoint_format, **dict(g.extra)}
+            if self.online.needed:  # refused by every loader that would ignore the rotation (module docstring)
+                cfg.update(model_type=ROTATED_MODEL_TYPE, architectures=[ROTATED_ARCHITECTURE])
+                qc["quant_method"] = ROTATED_QUANT_METHOD
         cfg.update(dtype=str(self.dtype).removeprefix("torch."), quantization_config=qc, hadacore=hc)
         return cfg
+
+    def _compressed_tensors_config(self) -> dict:
+        """``quantization_config`` as compressed-tensors writes it for W4A16 ``pack-quantized``."""
+        g = self.gptq
+        weights = {"actorder": "weight" if dict(g.extra).get("actorder") else None, "dynamic": False,
+                   "group_size": None if g.group_size == -1 else g.group_size, "num_bits": 4,
+                   "strategy": "channel" if g.group_size == -1 else "group", "symmetric": g.sym, "type": "int"}
+        qc = {
+            "config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None,
+                                          "output_activations": None, "targets": ["Linear"], "weights": weights}},
+            "format": "pack-quantized", "global_compression_ratio": None, "ignore": ["lm_head"],
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "sparsity_config": {}, "version": COMPRESSED_TENSORS_VERSION,
+        }
+        if self.online.needed:
+            k = int(self.model["intermediate_size"])
+            targets = ["re:.*down_proj$"]
+            qc["transform_config"] = {"config_groups": {"R4": {
+                "apply": [{"ignore": [], "inverse": False, "location": "input", "targets": targets},
+                          {"ignore": [], "inverse": True, "location": "weight_input", "targets": targets}],
+                "head_dim": None if self.online.r4_block == k else self.online.r4_block,
+                "precision": "torch.float32", "randomize": False, "requires_grad": False, "type": "hadamard"}}}
+        return qc
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -155,14 +201,12 @@ class CheckpointConfig:
         if not isinstance(qc, dict):
             raise ValueError(f"{where}: no quantization_config: not a quantized checkpoint")
         method = qc.get("quant_method")
-        if method not in ("gptq", ROTATED_QUANT_METHOD):
+        if method not in ("gptq", ROTATED_QUANT_METHOD, "compressed-tensors"):
             raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported "
-                             f"(expected 'gptq' or {ROTATED_QUANT_METHOD!r})")
+                             f"(expected 'gptq', {ROTATED_QUANT_METHOD!r} or 'compressed-tensors')")
         hc = cfg.get("hadacore") or {}
         if not isinstance(hc, dict):
             raise ValueError(f"{where}: the hadacore block must be an object")
-        block = {**(hc.get("online") or {}), "r4_block_size": hc.get("r4_block_size")}
-        online = OnlineRotations.from_json(block, f"{where} (hadacore.online)")
         model = {k: v for k, v in cfg.items() if k not in ("quantization_config", "hadacore", "dtype", "torch_dtype")}
         if model.get("model_type") == ROTATED_MODEL_TYPE:
             model["model_type"] = hc.get("base_model_type", "llama")
@@ -170,34 +214,35 @@ class CheckpointConfig:
         if model.get("model_type") not in _BASE_MODEL_TYPES:
             raise ValueError(f"{where}: model_type {model.get('model_type')!r} is not a Llama-family model "
                              f"({', '.join(_BASE_MODEL_TYPES)})")
-        rotated_marks = (cfg.get("model_type") == ROTATED_MODEL_TYPE, method == ROTATED_QUANT_METHOD)
-        if online.needed and not all(rotated_marks) or not online.needed and any(rotated_marks):
-            raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} and quant_method {method!r} disagree "
-                             f"with the online rotations it declares ({online.to_json()}); the file was edited?")
-        try:
-            gptq = GPTQSpec(
-                bits=int(qc.get("bits", 4)), group_size=int(qc.get("group_size", 128)), sym=bool(qc.get("sym", True)),
-                desc_act=bool(qc.get("desc_act", False)),
-                checkpoint_format=str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower(),
-                extra=tuple((k, v) for k, v in qc.items() if k not in (
-                    "quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "format")),
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: quantization_config: {e}") from None
         dtype_name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16")
         dtype = getattr(torch, dtype_name, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"{where}: dtype {dtype_name!r} is not a floating-point torch dtype")
         provenance = {k: v for k, v in hc.items() if k not in ("online", "r4_block_size", "base_model_type")}
-        return cls(model=model, gptq=gptq, online=online, dtype=dtype, provenance=provenance)
+        if method == "compressed-tensors":
+            gptq, online = _read_compressed_tensors(qc, model, where)
+            return cls(model=model, gptq=gptq, online=online, dtype=dtype, provenance=provenance,
+                       format="compressed-tensors")
+        block = {**(hc.get("online") or {}), "r4_block_size": hc.get("r4_block_size")}
+        online = OnlineRotations.from_json(block, f"{where} (hadacore.online)")
+        rotated_marks = (cfg.get("model_type") == ROTATED_MODEL_TYPE, method == ROTATED_QUANT_METHOD)
+        if online.needed and not all(rotated_marks) or not online.needed and any(rotated_marks):
+            raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} and quant_method {method!r} disagree "
+                             f"with the online rotations it declares ({online.to_json()}); the file was edited?")
+        return cls(model=model, gptq=_read_gptq(qc, where), online=online, dtype=dtype, provenance=provenance)
 
     @classmethod
     def read(cls, path: str | Path) -> "CheckpointConfig":
-        """``path/config.json``, checked against the contract in the tensors' metadata."""
+        """``path/config.json`` (with AutoGPTQ's ``quantize_config.json`` when the config has no
+        ``quantization_config``); loading checks it against the tensors' metadata."""
         f = Path(path) / "config.json"
         if not f.exists():
             raise FileNotFoundError(f"{f} not found: not a checkpoint directory")
-        return cls.from_json(read_json(f), str(f))
+        cfg = read_json(f)
+        side = Path(path) / "quantize_config.json"
+        if "quantization_config" not in cfg and side.exists():
+            cfg["quantization_config"] = {"quant_method": "gptq", **read_json(side)}
+        return cls.from_json(cfg, str(f))
 
     def check_metadata(self, metadata: dict | None, where: str) -> None:
         """The tensors were written for exactly the online rotations this config declares.
@@ -227,3 +272,71 @@ class CheckpointConfig:
         for k, v in overrides.items():
             setattr(config, k, v)
         return config
+
+
+def _read_gptq(qc: dict, where: str) -> GPTQSpec:
+    """GPTQ's ``quantization_config`` as hadacore, AutoGPTQ, GPTQModel and transformers write it
+    (``format`` / ``checkpoint_format``: ``gptq`` = v1 zeros, ``gptq_v2`` = zeros as they are)."""
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    if fmt not in _ZERO_FORMATS:
+        raise ValueError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (expected one of {_ZERO_FORMATS})")
+    try:
+        return GPTQSpec(
+            bits=int(qc.get("bits", 4)), group_size=int(qc.get("group_size", 128)), sym=bool(qc.get("sym", True)),
+            desc_act=bool(qc.get("desc_act", False)), checkpoint_format=fmt,
+            extra=tuple((k, v) for k, v in qc.items() if k not in (
+                "quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "format")),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: quantization_config: {e}") from None
+
+
+def _matches_down_proj(targets: Any) -> bool:
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    return bool(targets) and all(t in ("re:.*down_proj$", "re:.*down_proj", "down_proj") for t in targets)
+
+
+def _read_compressed_tensors(qc: dict, model: dict, where: str) -> tuple[GPTQSpec, OnlineRotations]:
+    """The W4A16 ``pack-quantized`` schemes hadacore runs, and the one online transform it
+    applies (R4: a Sylvester ``input`` transform on down_proj). Anything else is refused by
+    name: a reader that ignored it would compute another model."""
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError(f"{where}: compressed-tensors checkpoints with {len(groups)} config groups are not "
+                         "supported (expected one W4A16 scheme targeting Linear)")
+    scheme = next(iter(groups.values()))
+    w = scheme.get("weights") or {}
+    fmt = scheme.get("format") or qc.get("format")
+    unsupported = []
+    if fmt != "pack-quantized":
+        unsupported.append(f"format {fmt!r}")
+    if scheme.get("input_activations") or scheme.get("output_activations"):
+        unsupported.append("quantized activations")
+    if w.get("num_bits") != 4 or w.get("type", "int") != "int" or w.get("dynamic"):
+        unsupported.append(f"weights {w.get('num_bits')}-bit {w.get('type')} dynamic={w.get('dynamic')}")
+    if w.get("strategy") not in ("group", "channel"):
+        unsupported.append(f"strategy {w.get('strategy')!r}")
+    if w.get("actorder") not in (None, "weight", "static"):
+        unsupported.append(f"actorder {w.get('actorder')!r} (g_idx)")
+    if [t for t in scheme.get("targets", ["Linear"]) if t != "Linear"]:
+        unsupported.append(f"targets {scheme.get('targets')}")
+    if unsupported:
+        raise ValueError(f"{where}: this compressed-tensors scheme is not supported: {', '.join(unsupported)}")
+    gptq = GPTQSpec(bits=4, group_size=-1 if w["strategy"] == "channel" else int(w["group_size"]),
+                    sym=bool(w.get("symmetric", True)), extra=(("actorder", w.get("actorder")),))
+    r4 = None
+    for name, t in ((qc.get("transform_config") or {}).get("config_groups") or {}).items():
+        for apply in t.get("apply", []):
+            if apply.get("location") in ("weight_input", "weight_output"):
+                continue  # fused into the weights when the checkpoint was written
+            intermediate = int(model.get("intermediate_size", 0))
+            block = t.get("head_dim") or intermediate
+            if not (apply.get("location") == "input" and _matches_down_proj(apply.get("targets"))
+                    and t.get("type") == "hadamard" and not t.get("randomize") and not apply.get("inverse")
+                    and block and block & (block - 1) == 0 and intermediate % block == 0):
+                raise ValueError(
+                    f"{where}: transform {name!r} ({t.get('type')} at {apply.get('location')} of "
+                    f"{apply.get('targets')}) is not supported: hadacore applies one online transform, a Sylvester "
+                    "'hadamard' input transform of down_proj (R4)")
+            r4 = block
+    return gptq, OnlineRotations(r4)

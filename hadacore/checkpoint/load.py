@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hadacore.checkpoint.config import CheckpointConfig
-from hadacore.checkpoint.read import SafetensorsSource, TensorSource, read_gptq, take
+from hadacore.checkpoint.read import ConvertedSource, SafetensorsSource, TensorSource, read_gptq, take
 from hadacore.distributed.group import agree_on_success, check_group
 from hadacore.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear
 from hadacore.distributed.plan import STRATEGIES, plan_mlp_shard
@@ -157,6 +157,9 @@ def _build(path: str, cfg: CheckpointConfig, *, tp_rank: int, tp_size: int, stra
     src = SafetensorsSource(path)
     for file, metadata in src.metadata.items():
         cfg.check_metadata(metadata, file)
+    layout = cfg.format if cfg.format == "compressed-tensors" else cfg.gptq.checkpoint_format
+    if layout != "gptq":  # stored another way: read as GPTQ v1, exactly
+        src = ConvertedSource(src, layout=layout, group_size=cfg.gptq.group_size, symmetric=cfg.gptq.sym)
     config = cfg.transformers_config()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

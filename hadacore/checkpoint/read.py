@@ -16,9 +16,10 @@ import torch
 
 from hadacore.checkpoint.config import read_json
 from hadacore.checkpoint.write import INDEX_FILE
-from hadacore.formats.gptq import check_g_idx_range, pack_rows, unpack_rows
+from hadacore.formats.compressed_tensors import TENSOR_SUFFIXES, compressed_tensors_to_gptq
+from hadacore.formats.gptq import check_g_idx_range, pack_gptq, pack_rows, unpack_gptq, unpack_rows
 
-__all__ = ["TensorSource", "SafetensorsSource", "DictSource", "take", "read_gptq"]
+__all__ = ["TensorSource", "SafetensorsSource", "DictSource", "ConvertedSource", "take", "read_gptq"]
 
 
 class TensorSource(Protocol):
@@ -221,3 +222,66 @@ class _Transposed:
 
     def has(self, name: str) -> bool:
         return self.src.has(name)
+
+
+class ConvertedSource:
+    """A checkpoint whose quantized linears are in another layout (compressed-tensors
+    ``pack-quantized``, or GPTQ with v2 zeros), read as GPTQ v1 tensors: each layer's tensors
+    are converted whole on first use (exact: the same integers and scales), then sliced like
+    any other source. Other tensors pass through; online transform matrices (the R4 Sylvester
+    matrix of a compressed-tensors checkpoint, rebuilt by the runtime) count as read."""
+
+    def __init__(self, src: SafetensorsSource, *, layout: str, group_size: int, symmetric: bool):
+        if layout not in ("compressed-tensors", "gptq_v2"):
+            raise ValueError(f"unknown layout {layout!r}")
+        self.src, self.layout, self.group_size, self.symmetric = src, layout, group_size, symmetric
+        self.metadata = src.metadata
+        self._layers: dict[str, DictSource] = {}
+        if layout == "compressed-tensors":
+            self._prefixes = {n.rsplit(".", 1)[0] for n in src.names if n.endswith(".weight_packed")}
+            for n in src.names:
+                if n.endswith(("_input.weight", "_output.weight")):
+                    src._read.add(n)
+        else:
+            self._prefixes = {n.rsplit(".", 1)[0] for n in src.names if n.endswith(".qzeros")}
+
+    def _split(self, name: str) -> tuple[str, str] | None:
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in self._prefixes and leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            return prefix, leaf
+        return None
+
+    def _layer(self, prefix: str) -> DictSource:
+        if prefix not in self._layers:
+            if self.layout == "compressed-tensors":
+                raw = {s: take(self.src, f"{prefix}.{s}", {}) for s in TENSOR_SUFFIXES if self.src.has(f"{prefix}.{s}")}
+                t = compressed_tensors_to_gptq(raw, self.group_size, symmetric=self.symmetric, name=prefix)
+                t.pop("g_idx")  # contiguous groups: read_gptq derives them
+            else:
+                raw = {s: take(self.src, f"{prefix}.{s}", {}) for s in ("qweight", "qzeros", "scales", "g_idx")
+                       if self.src.has(f"{prefix}.{s}")}
+                q, scales, zeros, g_idx = unpack_gptq(raw, 4, checkpoint_format="gptq_v2")
+                if bool((zeros == 0).any()):
+                    raise ValueError(f"{prefix}: {int((zeros == 0).sum())} group(s) have zero point 0, which "
+                                     "GPTQ v1 (hadacore's runtime layout) cannot store")
+                t = pack_gptq(q, scales, zeros, g_idx, 4)
+                if "g_idx" not in raw:
+                    t.pop("g_idx")
+            self._layers[prefix] = DictSource(t)
+        return self._layers[prefix]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        split = self._split(name)
+        return self._layer(split[0]).shape(split[1]) if split else self.src.shape(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        split = self._split(name)
+        return self._layer(split[0]).read(split[1], index) if split else self.src.read(name, index)
+
+    def has(self, name: str) -> bool:
+        split = self._split(name)
+        return self._layer(split[0]).has(split[1]) if split else self.src.has(name)
+
+    @property
+    def unread(self) -> list[str]:
+        return self.src.unread

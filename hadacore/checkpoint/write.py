@@ -22,6 +22,9 @@ from torch import nn
 
 from hadacore.checkpoint.config import ONLINE_METADATA_KEY, CheckpointConfig
 from hadacore.checkpoint.output_dir import OutputDir
+from hadacore.formats.compressed_tensors import gptq_to_compressed_tensors
+from hadacore.hadamard import sylvester
+from hadacore.quant.linear import QuantLinear
 
 __all__ = ["atomic_output_dir", "write_checkpoint", "write_safetensors", "DEFAULT_MAX_SHARD_BYTES", "INDEX_FILE"]
 
@@ -80,10 +83,27 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, *, metada
     return names
 
 
+def _compressed_tensors_state(model: nn.Module, config: CheckpointConfig) -> dict[str, torch.Tensor]:
+    """The state dict with every QuantLinear in compressed-tensors' ``pack-quantized`` layout and,
+    with an online R4, its Sylvester matrix (one shared copy, under layer 0's name, as
+    compressed-tensors' writer saves it; readers divide by sqrt(n))."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        gptq = {k: state.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+        ct = gptq_to_compressed_tensors(gptq, module.group_size, symmetric=config.gptq.sym, name=name)
+        state.update({f"{name}.{k}": v for k, v in ct.items()})
+    if config.online.needed:
+        state["model.layers.0.mlp.down_proj.R4_input.weight"] = sylvester(config.online.r4_block, torch.float32)
+    return state
+
+
 def write_checkpoint(model: nn.Module, config: CheckpointConfig, directory: Path, *, tokenizer=None,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write ``model``'s state dict, ``config`` and the tokenizer into ``directory``."""
-    names = write_safetensors(model.state_dict(), directory, max_shard_bytes=max_shard_bytes,
+    state = _compressed_tensors_state(model, config) if config.format == "compressed-tensors" else model.state_dict()
+    names = write_safetensors(state, directory, max_shard_bytes=max_shard_bytes,
                               metadata={ONLINE_METADATA_KEY: config.online.metadata()})
     (directory / "config.json").write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
     generation_config = getattr(model, "generation_config", None)

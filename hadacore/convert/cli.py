@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gptaq-alpha", type=float, default=0.25, help="scale of GPTAQ's extra update")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ Hessian dampening (fraction of the mean diagonal)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="dtype of scales and float weights")
+    p.add_argument("--format", choices=("gptq", "compressed-tensors"), default="gptq",
+                   help="gptq: GPTQ v1 (hadacore, transformers/GPTQModel, vLLM gptq when no online rotation); "
+                        "compressed-tensors: vLLM's pack-quantized W4A16 with R4 as an online transform "
+                        "(act-order runs with static groups)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             rotate=a.rotate, tp=a.tp, calibration=None if a.calibration == "packaged" else a.calibration,
             samples=a.samples, seqlen=a.seqlen, seed=a.seed, w_clip=a.w_clip, sym=a.sym, static_groups=a.static_groups,
             gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, percdamp=a.percdamp, force=a.force, dtype=getattr(torch, a.dtype),
+            format=a.format,
         )
     except EXPECTED_ERRORS as e:
         print(f"hadacore-convert: error: {describe_error(e)}", file=sys.stderr)

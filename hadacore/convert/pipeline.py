@@ -48,6 +48,7 @@ __all__ = ["ConvertOptions", "QuantizedModel", "rotate_model", "quantize_model"]
 log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
+FORMATS = ("gptq", "compressed-tensors")
 #: The converter's rotation settings (hadacore.options.ROTATIONS: the vocabulary the compiler shares).
 CONVERTER_ROTATIONS = ("none", "offline", "online", "full")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -84,6 +85,9 @@ class ConvertOptions:
     # (about 3 hidden-size + 1 intermediate-size activations per calibration token).
     gptaq: bool = False
     gptaq_alpha: float = 0.25
+    # "gptq": GPTQ v1 tensors (act-order with g_idx); "compressed-tensors": what vLLM reads (no
+    # g_idx: act-order runs with static groups; R4 as a Sylvester transform, TP=1).
+    format: str = "gptq"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -105,6 +109,17 @@ class ConvertOptions:
             raise ValueError(f"gptaq_alpha must be >= 0, got {self.gptaq_alpha}")
         if self.method != "gptq" and (self.static_groups or self.gptaq):
             raise ValueError("static_groups and gptaq are options of method='gptq'")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.format == "compressed-tensors":
+            if self.bits != 4:
+                raise ValueError("format='compressed-tensors': hadacore exports 4-bit weights (W4A16) only")
+            if self.uses_act_order and not self.static_groups:
+                raise ValueError("format='compressed-tensors' has no g_idx: act-order needs static_groups=True "
+                                 "(hadacore.convert sets it for you)")
+            if self.has_r4 and self.tp != 1:
+                raise ValueError("format='compressed-tensors' with an online R4: vLLM applies online transforms at "
+                                 "tensor-parallel size 1 only; convert with tp=1 or format='gptq'")
 
     @property
     def uses_act_order(self) -> bool:
@@ -114,6 +129,16 @@ class ConvertOptions:
     def has_r4(self) -> bool:
         """R4 on down_proj (weight offline, input online at run time)."""
         return self.rotate in ("online", "full")
+
+    def r4_block(self, intermediate: int) -> int | None:
+        """R4's block: ``intermediate / tp`` (a shard-local rotation per rank), or for
+        compressed-tensors the largest power of two dividing it (Sylvester, which that format
+        names exactly and vLLM runs with its Hadamard kernel)."""
+        if not self.has_r4:
+            return None
+        if self.format == "compressed-tensors":
+            return intermediate & -intermediate
+        return intermediate // self.tp
 
 
 @dataclass
@@ -126,7 +151,7 @@ class QuantizedModel:
     @property
     def online(self) -> OnlineRotations:
         """What the checkpoint's tensors need at run time: R4's block on down_proj's input."""
-        return OnlineRotations(self.shape.intermediate // self.options.tp if self.options.has_r4 else None)
+        return OnlineRotations(self.options.r4_block(self.shape.intermediate))
 
     def checkpoint_config(self, source: str = "", calibration: str | None = None) -> CheckpointConfig:
         """config.json of the converted model (``calibration``: what the GPTQ calibration
@@ -136,11 +161,16 @@ class QuantizedModel:
         for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
             model.pop(key, None)
         model.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False)
-        gptq = GPTQSpec(
-            bits=o.bits, group_size=o.group_size, sym=o.sym, desc_act=o.uses_act_order, checkpoint_format="gptq",
-            extra=(("true_sequential", True), ("damp_percent", o.percdamp), ("static_groups", o.static_groups),
-                   ("lm_head", False)),
-        )
+        if o.format == "compressed-tensors":  # act-order ran with static groups: metadata only ("weight")
+            gptq = GPTQSpec(bits=o.bits, group_size=o.group_size, sym=o.sym,
+                            extra=(("actorder", "weight" if o.uses_act_order else None),))
+        else:
+            gptq = GPTQSpec(
+                bits=o.bits, group_size=o.group_size, sym=o.sym, desc_act=o.uses_act_order and not o.static_groups,
+                checkpoint_format="gptq",
+                extra=(("true_sequential", True), ("damp_percent", o.percdamp), ("static_groups", o.static_groups),
+                       ("lm_head", False)),
+            )
         r12 = o.rotate in ("offline", "full")
         provenance = {
             "source": source,
@@ -155,13 +185,14 @@ class QuantizedModel:
             "calibration": ({"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed, "text": calibration}
                             if o.method == "gptq" else None),
         }
-        return CheckpointConfig(model=model, gptq=gptq, online=self.online, dtype=o.dtype, provenance=provenance)
+        return CheckpointConfig(model=model, gptq=gptq, online=self.online, dtype=o.dtype, provenance=provenance,
+                                format=o.format)
 
 
 # --------------------------------------------------------------------------- rotation
 
 
-def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, tp: int = 1) -> None:
+def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, r4_block: int | None = None) -> None:
     """Fold norms, untie, and apply the offline rotations of ``rotate`` in place (fp, exact)."""
     shape = model_shape(model.config)
     fold_norms(model)
@@ -169,7 +200,8 @@ def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, tp: int = 1) -
         rotate_r1(model, random_signs(shape.hidden, seed))
         rotate_r2(model, shape.head_dim)
     if rotate in ("online", "full"):
-        rotate_r4_weights(model, blocks=tp)
+        k = shape.intermediate
+        rotate_r4_weights(model, blocks=k // (r4_block or k))
 
 
 # --------------------------------------------------------------------------- quantization
@@ -254,7 +286,7 @@ class _LayerQuantizer:
 
     def __init__(self, opts: ConvertOptions, shape: ModelShape):
         self.o, self.shape = opts, shape
-        self.r4_block = shape.intermediate // opts.tp if opts.has_r4 else None
+        self.r4_block = opts.r4_block(shape.intermediate)
 
     def _bias(self, lin: nn.Linear):
         return None if lin.bias is None else lin.bias.detach().to(self.o.dtype).clone()
@@ -369,7 +401,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
         if calibration_ids.dim() != 2 or calibration_ids.dtype != torch.long:
             raise ValueError(f"calibration ids must be a LongTensor [samples, seqlen], got {calibration_ids.dtype} {tuple(calibration_ids.shape)}")
     model = model.float().eval()
-    rotate_model(model, rotate=opts.rotate, seed=opts.seed, tp=opts.tp)
+    rotate_model(model, rotate=opts.rotate, seed=opts.seed, r4_block=opts.r4_block(shape.intermediate))
     plan = _act_order_plan(opts, shape)
     quantizer = _LayerQuantizer(opts, shape)
 
@@ -461,6 +493,7 @@ def convert(
     percdamp: float = 0.01,
     force: bool = False,
     dtype: torch.dtype = torch.float16,
+    format: str = "gptq",
     tokenizer=None,
     max_shard_bytes: int | None = None,
 ) -> Path:
@@ -481,14 +514,21 @@ def convert(
     GPTQ only: ``static_groups`` (group grids from the weight before GPTQ's updates, sorted
     ``g_idx``), ``gptaq`` (GPTAQ/GPTQv2: target the fp model's layer outputs, ``gptaq_alpha``
     scaling its update), ``percdamp`` (Hessian dampening, fraction of its mean diagonal).
-    Returns the output directory.
+    ``format``: "gptq" (GPTQ v1, act-order with g_idx; the default) or "compressed-tensors"
+    (vLLM's ``pack-quantized``: no g_idx, so act-order runs with static groups; an online R4
+    becomes a Sylvester transform over the largest power-of-two block of the intermediate
+    size, which vLLM applies at tensor-parallel size 1). Returns the output directory.
     """
     from hadacore.checkpoint.write import DEFAULT_MAX_SHARD_BYTES, atomic_output_dir, write_checkpoint
     from hadacore.convert.source import load_source
 
+    if format == "compressed-tensors" and method == "gptq" and act_order and not static_groups:
+        log.info("compressed-tensors has no g_idx: GPTQ runs act-order with static groups (actorder 'weight')")
+        static_groups = True
     opts = ConvertOptions(bits=bits, group_size=group_size, method=method, act_order=act_order, rotate=rotate,
                           tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, w_clip=w_clip, sym=sym,
-                          static_groups=static_groups, gptaq=gptaq, gptaq_alpha=gptaq_alpha, percdamp=percdamp)
+                          static_groups=static_groups, gptaq=gptaq, gptaq_alpha=gptaq_alpha, percdamp=percdamp,
+                          format=format)
     protect = (model_or_path,) if isinstance(model_or_path, (str, os.PathLike)) else ()
     # Claimed before the slow part: a bad or unwritable OUT fails now, not after the conversion.
     with atomic_output_dir(out_dir, force=force, protect=protect) as work:
