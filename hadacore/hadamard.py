@@ -84,7 +84,7 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None, typed=True)  # typed: True must not share 1's entry
 def base_construction(m: int) -> Optional[tuple]:
     """How ``H_m`` is built, or None when no construction here gives order m:
     ``("sylvester",)``, ``("quarot",)``, ``("paley1", q)``, ``("paley2", q)`` or

@@ -93,6 +93,11 @@ def test_irreducible_polynomials_are_the_smallest() -> None:
             ), (p, k, code)
 
 
+def test_base_construction_rejects_non_ints() -> None:
+    assert base_construction(True) is None and base_construction(1) == ("sylvester",)
+    assert base_construction(12.0) is None and base_construction(0) is None and base_construction(-12) is None
+
+
 def test_prime_power() -> None:
     assert hc.prime_power(243) == (3, 5) and hc.prime_power(361) == (19, 2) and hc.prime_power(461) == (461, 1)
     assert hc.prime_power(1) is None and hc.prime_power(45) is None and hc.prime_power(91) is None
