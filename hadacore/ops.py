@@ -67,7 +67,8 @@ def _hadamard_fake(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None
 def hadamard_transform(x: Tensor, scale: float = 1.0) -> Tensor:
     """``scale * x @ H_n`` along the last dim, ``H_n = hadacore.hadamard_matrix(n)`` (entries +-1).
 
-    Supported n: ``2**k`` (k <= 15) and ``m * 2**k`` for m in ``HADAMARD_BASES``.
+    Supported n: ``2**k`` (k <= 15) and ``m * 2**k`` for m in ``HADAMARD_BASES`` (QuaRot's
+    orders and the Paley orders up to 1024; ``hadacore.hadamard`` says which m for which n).
     Returns a new contiguous tensor of x's dtype; any input strides are honoured.
     """
     return hadamard(x, float(scale))

@@ -470,8 +470,8 @@ def test_rejects_unsupported_models(tmp_path):
 
 
 def test_rejects_unsupported_hadamard_size(tmp_path):
-    m = tiny_llama(hidden_size=168, num_attention_heads=4, num_key_value_heads=4)  # 168 = 21 * 8
-    with pytest.raises(ValueError, match=r"hidden size 168.*nearest supported: 160 or 172"):
+    m = tiny_llama(hidden_size=184, num_attention_heads=4, num_key_value_heads=4)  # 184 = 23 * 8: no construction
+    with pytest.raises(ValueError, match=r"hidden size 184.*nearest supported: 180 or 192"):
         hadacore.convert(m, tmp_path / "o", method="rtn", group_size=8)
     hadacore.convert(m, tmp_path / "o", method="rtn", group_size=8, rotate="none")  # fine without rotation
 

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 import hadacore
 import hadacore.kernels.cpu.hadamard as native
 from hadacore import HADAMARD_BASES, hadamard_matrix, hadamard_transform
-from hadacore.hadamard import hadamard_base, hadamard_factors, is_supported_size, nearest_supported_sizes, sylvester
+from hadacore.hadamard import (
+    QUAROT_BASES, hadamard_base, hadamard_factors, is_supported_size, nearest_supported_sizes, sylvester,
+)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 DENSE_REF_MAX_N = 1 << 12  # fp64 H_n of 128 MiB; larger n use the butterfly reference
@@ -61,11 +63,24 @@ def quarot_matmul_hadU(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def factored_reference(x: torch.Tensor) -> torch.Tensor:
+    """``x @ (H_m kron H_p)^T`` without building it: the butterfly, then ``H_m`` mixes the
+    m pieces. For the constructed bases, which QuaRot's get_hadK does not know."""
+    n = x.shape[-1]
+    m, p = hadamard_factors(n)
+    y = fwht64(x.reshape(-1, m, p))
+    if m > 1:
+        y = hadamard_base(m).double() @ y
+    return y.reshape(x.shape)
+
+
 def reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     n = x.shape[-1]
     if n <= DENSE_REF_MAX_N:
         return scale * (x.double() @ hadamard_matrix(n))
-    return scale * quarot_matmul_hadU(x.double())
+    if hadamard_factors(n)[0] in (1, *QUAROT_BASES):
+        return scale * quarot_matmul_hadU(x.double())
+    return scale * factored_reference(x.double())
 
 
 def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +100,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
 # --------------------------------------------------------------------------- hadamard_matrix
 
 
-@pytest.mark.parametrize("m", HADAMARD_BASES)
+@pytest.mark.parametrize("m", QUAROT_BASES)  # every base: tests/test_hadamard_constructions.py
 def test_base_is_hadamard(m: int) -> None:
     h = hadamard_base(m).double()
     assert h.shape == (m, m)
@@ -93,7 +108,7 @@ def test_base_is_hadamard(m: int) -> None:
     torch.testing.assert_close(h @ h.T, m * torch.eye(m, dtype=torch.float64), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("m", (1, *HADAMARD_BASES))
+@pytest.mark.parametrize("m", (1, *QUAROT_BASES))
 @pytest.mark.parametrize("p", (1, 2, 16))
 def test_matrix_is_hadamard(m: int, p: int) -> None:
     n = m * p
@@ -137,15 +152,41 @@ def test_pow2_matches_fp64_reference(k: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("m", HADAMARD_BASES)
-@pytest.mark.parametrize("p", (1, 4, 16))
-def test_bases_match_fp64_reference(m: int, p: int) -> None:
-    n = m * p
-    x = randn(3, n, seed=n)
-    assert rel_err(hadamard_transform(x, 1 / math.sqrt(n)), reference(x, 1 / math.sqrt(n))) < TOL[torch.float32]
+def test_bases_match_fp64_reference(m: int) -> None:
+    """Every base, against the dense fp64 ``x @ hadamard_matrix(n)`` (up to 4096). Bases
+    above 256 take p = 1, 2 only: the dense reference dominates the run time, and larger
+    p for them is in test_constructed_bases_every_dtype."""
+    for p in (1, 4, 16) if m <= 256 else (1, 2):
+        n = m * p
+        x = randn(3, n, seed=n)
+        y = hadamard_transform(x, 1 / math.sqrt(n))
+        assert rel_err(y, reference(x, 1 / math.sqrt(n))) < TOL[torch.float32], n
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("m", (68, 76, 100, 148, 244, 368, 724, 924, 1020))
+def test_constructed_bases_every_dtype(m: int, dtype: torch.dtype) -> None:
+    """Paley bases on the CPU path against ``x.double() @ hadamard_matrix(n)``: p = 1 (the
+    base alone, H_m applied transposed), a small p (bf16's dense path where n <= 768) and
+    a p with a blocked factor plan. NaN-poisoned output is impossible here (the op
+    allocates), so the check is all-finite plus the error bound."""
+    for p in (1, 8, 256 if m < 300 else 2):
+        n = m * p
+        x = randn(3, n, dtype=dtype, seed=n)
+        y = hadamard_transform(x, 1 / math.sqrt(n))
+        assert y.dtype == dtype and bool(y.isfinite().all())
+        assert rel_err(y, reference(x, 1 / math.sqrt(n))) < TOL[dtype], n
+
+
+def test_factored_reference_matches_dense() -> None:
+    """The fp64 reference used above 4096 for constructed bases is the dense matrix."""
+    for n in (76 * 8, 924 * 2, 244 * 16):
+        x = randn(2, n, dtype=torch.float64, seed=n)
+        torch.testing.assert_close(factored_reference(x), x @ hadamard_matrix(n), rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float64))
-@pytest.mark.parametrize("n", (12 * 128, 28 * 512, 36 * 16, 172 * 64))
+@pytest.mark.parametrize("n", (12 * 128, 28 * 512, 36 * 16, 172 * 64, 76 * 64, 148 * 128, 924 * 32, 924 * 4))
 def test_real_model_sizes(n: int, dtype: torch.dtype) -> None:
     x = randn(2, n, dtype=dtype, seed=n)
     assert rel_err(hadamard_transform(x), reference(x)) < TOL[dtype]
@@ -160,7 +201,7 @@ def test_batch_shapes(shape: tuple[int, ...]) -> None:
         assert rel_err(y, reference(x, 0.5)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("n", (64, 96, 4096, 28 * 16))
+@pytest.mark.parametrize("n", (64, 96, 4096, 28 * 16, 76 * 8))
 def test_many_row_blocks_with_tail(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Blocks of 3 rows per thread and a 1-row tail: every row goes through one block."""
     monkeypatch.setattr(native, "_BLOCK_ELEMS", 3 * n)
@@ -270,7 +311,8 @@ def test_input_untouched_and_not_aliased(n: int, dtype: torch.dtype) -> None:
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("n", (3, 100, 18944, 29568, 1 << 16))
+# 92, 188: orders with no construction here; 472 = 59 * 8: odd part 59 has no base <= 1024
+@pytest.mark.parametrize("n", (3, 92, 188, 472, 1 << 16))
 def test_unsupported_size_names_nearest(n: int) -> None:
     lo, hi = nearest_supported_sizes(n)
     assert lo is not None and lo < n and is_supported_size(lo)
@@ -328,5 +370,12 @@ def test_linearity(n: int, a: float, b: float, seed: int) -> None:
 
 
 def test_public_api_names() -> None:
-    assert hadacore.HADAMARD_BASES == (12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172)
+    assert hadacore.HADAMARD_BASES == (
+        12, 20, 28, 36, 40, 44, 52, 60, 68, 76, 84, 100, 108, 124, 132, 140, 148, 156, 164, 172, 180, 196,
+        204, 212, 220, 228, 244, 252, 276, 284, 300, 308, 316, 332, 340, 348, 364, 368, 380, 388, 396, 420,
+        444, 460, 464, 468, 484, 492, 500, 516, 524, 540, 548, 556, 564, 572, 580, 588, 620, 628, 636, 644,
+        648, 660, 676, 684, 692, 700, 708, 724, 740, 744, 748, 752, 780, 788, 796, 804, 812, 820, 824, 828,
+        844, 860, 868, 884, 900, 908, 916, 924, 948, 972, 1020,
+    )
+    assert QUAROT_BASES == (12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172)
     assert hadacore.hadamard_matrix(4).dtype == torch.float64

@@ -15,7 +15,7 @@ import torch
 
 import hadacore.hadamard as hh
 import hadacore.kernels.triton.hadamard as hk
-from hadacore.hadamard import HADAMARD_BASES, hadamard_factors, hadamard_matrix
+from hadacore.hadamard import QUAROT_BASES, hadamard_factors, hadamard_matrix
 from hadacore.kernels.triton.hadamard import HadamardConfig, hadamard_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,12 +89,25 @@ def test_size_one_is_scaled_copy():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", HADAMARD_BASES)
+@pytest.mark.parametrize("m", QUAROT_BASES)
 def test_bases(m, dtype):
-    """Every base with a small power of two (needs hadacore/_data/hadamard_bases.txt)."""
+    """Every QuaRot base with a small power of two (needs hadacore/_data/hadamard_bases.txt)."""
     for p in (2, 16):
         x = _randn(3, m * p, dtype=dtype, seed=m + p)
         _check(_run(x, 0.25), _reference(x, 0.25), dtype)
+
+
+# Constructed (Paley) bases: the smallest, one per M_PAD (128, 256, 512, 1024), the real
+# models' 76 / 148 / 924, and the largest. Two rows: the interpreter is slow.
+CONSTRUCTED = (68, 76, 148, 244, 368, 924, 1020)
+
+
+@pytest.mark.parametrize("m", CONSTRUCTED)
+def test_constructed_bases(m):
+    """The real constructed matrices (no synthetic stand-in) through the base-GEMM plan."""
+    for p, dtype in ((1, torch.float32), (4, torch.bfloat16), (2, torch.float16)):
+        x = _randn(2, m * p, dtype=dtype, seed=m + p)
+        _check(_run(x, 1 / math.sqrt(m * p)), _reference(x, 1 / math.sqrt(m * p)), dtype)
 
 
 @pytest.fixture
@@ -102,7 +115,7 @@ def synthetic_bases(monkeypatch):
     """Random +-1 matrices as the bases: the kernel is linear in H_m, so this checks its
     indexing and padding for every M_PAD regime without the data file."""
     g = torch.Generator().manual_seed(7)
-    fake = {m: (1 - 2 * torch.randint(0, 2, (m, m), generator=g)).to(torch.int8) for m in HADAMARD_BASES}
+    fake = {m: (1 - 2 * torch.randint(0, 2, (m, m), generator=g)).to(torch.int8) for m in (*QUAROT_BASES, 76)}
     monkeypatch.setattr(hh, "_load_bases", lambda: fake)
     hk._base_matrix_t.cache_clear()
     yield
@@ -110,7 +123,7 @@ def synthetic_bases(monkeypatch):
 
 
 @pytest.mark.parametrize("config", [None, SMALL], ids=["default", "small"])
-@pytest.mark.parametrize("m", (12, 20, 40, 60, 108, 172))
+@pytest.mark.parametrize("m", (12, 20, 40, 60, 76, 108, 172))
 @pytest.mark.parametrize("p", (1, 8, 32))
 def test_bases_every_plan(synthetic_bases, m, p, config):
     dtype = torch.bfloat16 if m in (20, 108) else torch.float32
@@ -132,7 +145,7 @@ def test_plans_cover_the_real_sizes():
     cfg = hk._DEFAULT_CONFIG
     fused = {4096, 5120, 14336, 16384, 576, 1536, 3072}
     two_pass = {32768, 28672}
-    base_gemm = {11008, 13824}
+    base_gemm = {11008, 13824, 4864, 18944, 29568, 3696}  # 3696 = 29568 / 8 = 924 x 4
     for n in fused | two_pass | base_gemm:
         m, p = hadamard_factors(n)
         plan = hk._plan(m, p, cfg)
@@ -191,7 +204,7 @@ def test_scale_signs_perm(dtype, config):
 
 def test_signs_and_perm_with_bases(synthetic_bases):
     g = torch.Generator().manual_seed(5)
-    for n in (28 * 8, 172 * 4):
+    for n in (28 * 8, 172 * 4, 76 * 4):
         x = _randn(3, n, seed=n)
         signs = torch.randn(n, generator=g).to(DEVICE)  # any values, not only +-1
         perm = torch.randperm(n, generator=g).to(DEVICE)
@@ -270,7 +283,7 @@ def test_bad_input():
     with pytest.raises(TypeError):
         hadamard_triton(torch.ones(2, 64, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="nearest supported"):
-        hadamard_triton(_randn(2, 100))
+        hadamard_triton(_randn(2, 92))  # 4 * 23: no construction
     with pytest.raises(ValueError, match="permutation"):
         hadamard_triton(x, perm=torch.zeros(64, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="signs"):
@@ -290,7 +303,7 @@ def test_bad_input():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", (256, 4096, 5120, 11008, 13824, 14336, 16384, 28672, 32768))
+@pytest.mark.parametrize("n", (256, 4096, 5120, 11008, 13824, 14336, 16384, 28672, 32768, 4864, 18944, 29568))
 def test_real_sizes_gpu(n, dtype):
     # Reference: the fp64 Kronecker-factored native path (checked against hadamard_matrix on
     # CPU); a dense fp64 H_n of 32768 would be 8.6 GB.
@@ -369,6 +382,7 @@ def test_compiles_for_real_gpus():
     cases = [  # n:dtype:capability:f32_dot(1 split, 0 ieee):signs
         "8:bf16:90:1:0", "576:fp16:90:1:0", "4096:bf16:90:1:1", "11008:bf16:90:1:0",
         "14336:fp32:80:1:0", "28672:fp16:80:1:1", "32768:fp32:90:0:0", "5120:bf16:80:1:0",
+        "29568:bf16:90:1:1",  # a constructed base with M_PAD 1024 (924 x 32, Qwen2-72B)
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -1,7 +1,8 @@
 """Native (non-Triton) Hadamard transform: the CPU implementation of ``hadacore::hadamard``.
 
 Method: a blocked Kronecker factorisation. ``H_n = (H_m kron H_{f1} kron ... kron H_{fr})^T``
-with ``m`` the odd base (or none) and ``f1 * ... * fr = 2**k`` small Sylvester factors.
+with ``m`` the base order (or none; any m in ``HADAMARD_BASES``, 12 ... 1020, applied
+as one dense ``m x m`` matmul) and ``f1 * ... * fr = 2**k`` small Sylvester factors.
 Viewing a row as the tensor ``(m, f1, ..., fr)``, factor ``f`` at axis ``a`` is one BLAS
 matmul without any transpose: with the row block viewed as ``(rows * A, f, B)``
 (``A``/``B`` = product of the axes before/after it) it is ``H_f @ X`` (batched), and for
@@ -54,8 +55,8 @@ _BLOCK_ELEMS = 1 << 17
 
 
 def factor_plan(n: int) -> tuple[int, tuple[int, ...]]:
-    """``(m, (f1, ..., fr))`` with ``n == m * f1 * ... * fr``: the odd base (1 if none)
-    and the Sylvester factors the CPU path applies, slowest axis first."""
+    """``(m, (f1, ..., fr))`` with ``n == m * f1 * ... * fr``: the base order (1 if
+    none) and the Sylvester factors the CPU path applies, slowest axis first."""
     m, p = hadamard_factors(n)
     k = p.bit_length() - 1
     if p <= _MAX_SINGLE_FACTOR:

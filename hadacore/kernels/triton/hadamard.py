@@ -4,7 +4,8 @@ HadaCore's idea (16x16 Hadamard tiles on tensor cores) written in Triton.
 
 Decomposition
 -------------
-``n = m * p`` with ``p = 2**k`` and ``m`` a base order or 1 (``hadamard_factors``). A row
+``n = m * p`` with ``p = 2**k`` and ``m`` a base order or 1 (``hadamard_factors``; any
+m in ``HADAMARD_BASES``, QuaRot's tables or a Paley construction, up to 1020). A row
 is a tensor of "digit" axes, slowest first::
 
     (M_PAD, 2, .., 2, 16, 16, ..., 16)        p = 2**r_bits * 16**n16,  r_bits < 4
@@ -41,10 +42,13 @@ Execution plans (:func:`_plan`; thresholds in :class:`HadamardConfig`)
   contiguous chunks of ``C = min(p, lo_chunk)`` columns into an fp32 scratch buffer;
   pass 2 loads ``[rows, M_PAD * p/C, BB]`` tiles (columns strided by C) and applies the
   remaining power-of-two axes and ``H_m``, then the epilogue.
-* **base GEMM** -- ``M_PAD >= 128`` (m = 108, 140, 156, 172: 11008 = 172x64,
-  13824 = 108x128): ``H_m`` as a real K-looped GEMM ``[rows*p, m] @ H_m^T`` into fp32
-  scratch (a 256x256 matrix operand does not belong in one ``tl.dot``), then the
-  power-of-two part on each length-p piece (fused or two-pass).
+* **base GEMM** -- ``M_PAD >= 128`` (m = 68 ... 1020: QuaRot's 108, 140, 156, 172 and
+  every Paley base, e.g. 11008 = 172x64, 13824 = 108x128, 4864 = 76x64, 29568 = 924x32 with
+  M_PAD 1024): ``H_m`` as a real K-looped GEMM ``[rows*p, m] @ H_m^T`` into fp32
+  scratch (a 256x256 matrix operand does not belong in one ``tl.dot``; the K loop and the
+  grid over output blocks of 64 take any M_PAD), then the power-of-two part on each
+  length-p piece (fused or two-pass). Every base order above 60 lands here (the
+  smallest non-QuaRot base is 68).
 
 Every plan compiles for sm80 and sm90 without register spills (``tests/test_hadamard_triton.py::
 test_compiles_for_real_gpus``); the thresholds are reasoned, not yet tuned on a GPU.
