@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hadacore.hadamard as hh
-from hadacore import _hadamard_constructions as hc
+from hadacore.hadamard import constructions as hc
 from hadacore.hadamard import (
     HADAMARD_BASES, MAX_BASE_ORDER, MAX_POW2_LOG2, QUAROT_BASES, base_construction, hadamard_base,
     hadamard_factors, hadamard_matrix, sylvester,

@@ -10,6 +10,7 @@ and raise for an unknown one. So rotated checkpoints say ``model_type: "hadacore
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def _logits(model, ids):
 def test_gptq_v2_zeros_and_autogptq_quantize_config(checkpoints, tmp_path):
     """GPTQModel's v2 zero convention (checkpoint_format gptq_v2: zeros stored as they are) and
     AutoGPTQ's quantize_config.json beside a config without quantization_config read as the
-    same model; a v2 zero of 0 (which the runtime's v1 layout cannot hold) is refused by name."""
+    same model; a v2 zero of 0, which v1 cannot store, is re-expressed exactly (mirrored group)."""
     from hadacore.formats.gptq import pack_rows, unpack_rows
 
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -113,9 +114,16 @@ def test_gptq_v2_zeros_and_autogptq_quantize_config(checkpoints, tmp_path):
         z[0, 0] = 0
         state[k] = pack_rows(z.t().contiguous(), 4).t().contiguous()
 
-    bad = _rewrite(v2, tmp_path / "v2zero", tensors=a_zero_of_zero)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj: 1 group\(s\) have zero point 0"):
-        hadacore.load(bad)
+    zero0 = _rewrite(v2, tmp_path / "v2zero", tensors=a_zero_of_zero)
+    from hadacore.formats.gptq import dequantize_gptq
+    from safetensors.torch import load_file
+
+    stored = load_file(zero0 / "model.safetensors")
+    want_w = dequantize_gptq(*(stored[f"model.layers.0.mlp.up_proj.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")),
+                             16, checkpoint_format="gptq_v2", dtype=torch.float32)
+    up = hadacore.load(zero0, dtype=torch.float32).model.layers[0].mlp.up_proj
+    torch.testing.assert_close(up.dequantized_weight(), want_w, rtol=0, atol=0)
+    assert bool((up.scales < 0).any())  # the mirrored group
 
 
 def test_tied_embedding_checkpoint_without_lm_head(tmp_path):
@@ -141,3 +149,24 @@ def test_tied_embedding_checkpoint_without_lm_head(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     ids = torch.randint(0, 128, (1, 7))
     assert float((_logits(loaded, ids) - model(ids).logits).norm() / model(ids).logits.norm()) < 0.2
+
+
+GPTQMODEL = Path(__file__).parent / "fixtures" / "gptqmodel"
+
+
+@pytest.mark.parametrize("variant", sorted(p.name for p in GPTQMODEL.iterdir()))
+def test_checkpoints_gptqmodel_wrote_give_its_own_logits(variant):
+    """tests/fixtures/gptqmodel: real GPTQModel 7.6.0 checkpoints of a tiny Llama (desc_act on/off,
+    sym/asym, v1/v2, tied embeddings, bf16, and zero points 0/15 that GPTQModel's v1 writes with a
+    borrow), each with the logits GPTQModel's own CPU reader gives (reference.json: versions,
+    reader, commands). Its reader computes in fp16 (bf16 for one variant); a wrong zero convention
+    or a dropped g_idx moves the logits by 0.15-0.97."""
+    path = GPTQMODEL / variant
+    ref = json.loads((path / "reference.json").read_text())
+    assert ref["gptqmodel_version"] == "7.6.0"
+    model = hadacore.load(path, dtype=torch.float32)
+    got = _logits(model, torch.tensor(ref["input_ids"]))
+    tol = 1e-2 if "bf16" in variant else 5e-3
+    assert float((got - torch.tensor(ref["logits"])).abs().max()) < tol
+    if "tied" in variant:
+        assert model.lm_head.weight is model.model.embed_tokens.weight

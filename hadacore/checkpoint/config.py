@@ -124,6 +124,17 @@ class GPTQSpec:
     #: Writer's notes kept in ``quantization_config`` for other tools (damp_percent, ...).
     extra: tuple[tuple[str, Any], ...] = ()
 
+    @property
+    def zero_layout(self) -> str:
+        """How the stored ``qzeros`` read: "gptq" (v1, field + 1, AutoGPTQ/vLLM/hadacore), "gptq_v2"
+        (the zero itself) or "gptqmodel_v1" (v1 written by GPTQModel: read word-wise)."""
+        meta = dict(self.extra).get("meta") or {}
+        quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
+        quantizers = [quantizer] if isinstance(quantizer, str) else list(quantizer or [])
+        if self.checkpoint_format == "gptq" and any(str(q).startswith("gptqmodel") for q in quantizers):
+            return "gptqmodel_v1"
+        return self.checkpoint_format
+
     def __post_init__(self):
         if self.bits not in (2, 4, 8):
             raise ValueError(f"bits must be 2, 4 or 8, got {self.bits!r}")

@@ -157,7 +157,7 @@ def _build(path: str, cfg: CheckpointConfig, *, tp_rank: int, tp_size: int, stra
     src = SafetensorsSource(path)
     for file, metadata in src.metadata.items():
         cfg.check_metadata(metadata, file)
-    layout = cfg.format if cfg.format == "compressed-tensors" else cfg.gptq.checkpoint_format
+    layout = cfg.format if cfg.format == "compressed-tensors" else cfg.gptq.zero_layout
     if layout != "gptq":  # stored another way: read as GPTQ v1, exactly
         src = ConvertedSource(src, layout=layout, group_size=cfg.gptq.group_size, symmetric=cfg.gptq.sym)
     config = cfg.transformers_config()

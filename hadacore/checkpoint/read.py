@@ -17,7 +17,9 @@ import torch
 from hadacore.checkpoint.config import read_json
 from hadacore.checkpoint.write import INDEX_FILE
 from hadacore.formats.compressed_tensors import TENSOR_SUFFIXES, compressed_tensors_to_gptq
-from hadacore.formats.gptq import check_g_idx_range, pack_gptq, pack_rows, unpack_gptq, unpack_rows
+from hadacore.formats.gptq import (
+    check_g_idx_range, mirror_zero_point_zero, pack_gptq, pack_rows, unpack_gptq, unpack_rows, unpack_zeros_wordwise,
+)
 
 __all__ = ["TensorSource", "SafetensorsSource", "DictSource", "ConvertedSource", "take", "read_gptq"]
 
@@ -224,16 +226,22 @@ class _Transposed:
         return self.src.has(name)
 
 
+#: Layouts :class:`ConvertedSource` reads: compressed-tensors ``pack-quantized``; GPTQ with v2
+#: zeros (the zero itself); GPTQModel's v1 (zeros read word-wise, :func:`unpack_zeros_wordwise`).
+CONVERTED_LAYOUTS = ("compressed-tensors", "gptq_v2", "gptqmodel_v1")
+
+
 class ConvertedSource:
-    """A checkpoint whose quantized linears are in another layout (compressed-tensors
-    ``pack-quantized``, or GPTQ with v2 zeros), read as GPTQ v1 tensors: each layer's tensors
-    are converted whole on first use (exact: the same integers and scales), then sliced like
-    any other source. Other tensors pass through; online transform matrices (the R4 Sylvester
-    matrix of a compressed-tensors checkpoint, rebuilt by the runtime) count as read."""
+    """A checkpoint whose quantized linears are in another layout (:data:`CONVERTED_LAYOUTS`),
+    read as GPTQ v1 tensors: each layer's tensors are converted whole on first use (exact:
+    the same numbers; a zero point of 0, which v1 cannot store, by
+    :func:`~hadacore.formats.gptq.mirror_zero_point_zero`), then sliced like any other source.
+    Other tensors pass through; online transform matrices (the R4 Sylvester matrix of a
+    compressed-tensors checkpoint, rebuilt by the runtime) count as read."""
 
     def __init__(self, src: SafetensorsSource, *, layout: str, group_size: int, symmetric: bool):
-        if layout not in ("compressed-tensors", "gptq_v2"):
-            raise ValueError(f"unknown layout {layout!r}")
+        if layout not in CONVERTED_LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; known: {CONVERTED_LAYOUTS}")
         self.src, self.layout, self.group_size, self.symmetric = src, layout, group_size, symmetric
         self.metadata = src.metadata
         self._layers: dict[str, DictSource] = {}
@@ -261,10 +269,9 @@ class ConvertedSource:
                 raw = {s: take(self.src, f"{prefix}.{s}", {}) for s in ("qweight", "qzeros", "scales", "g_idx")
                        if self.src.has(f"{prefix}.{s}")}
                 q, scales, zeros, g_idx = unpack_gptq(raw, 4, checkpoint_format="gptq_v2")
-                if bool((zeros == 0).any()):
-                    raise ValueError(f"{prefix}: {int((zeros == 0).sum())} group(s) have zero point 0, which "
-                                     "GPTQ v1 (hadacore's runtime layout) cannot store")
-                t = pack_gptq(q, scales, zeros, g_idx, 4)
+                if self.layout == "gptqmodel_v1":
+                    zeros = unpack_zeros_wordwise(raw["qzeros"])
+                t = pack_gptq(*mirror_zero_point_zero(q, scales, zeros, g_idx), g_idx, 4)
                 if "g_idx" not in raw:
                     t.pop("g_idx")
             self._layers[prefix] = DictSource(t)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from hadacore.formats.gptq import default_g_idx, pack_gptq, pack_rows, unpack_gptq, unpack_rows
+from hadacore.formats.gptq import default_g_idx, mirror_zero_point_zero, pack_gptq, pack_rows, unpack_gptq, unpack_rows
 
 __all__ = ["gptq_to_compressed_tensors", "compressed_tensors_to_gptq", "TENSOR_SUFFIXES"]
 
@@ -55,11 +55,8 @@ def gptq_to_compressed_tensors(tensors: dict[str, torch.Tensor], group_size: int
 
 def compressed_tensors_to_gptq(tensors: dict[str, torch.Tensor], group_size: int, *, symmetric: bool,
                                name: str = "layer") -> dict[str, torch.Tensor]:
-    """compressed-tensors ``pack-quantized`` 4-bit tensors -> GPTQ v1 tensors (same numbers).
-
-    GPTQ v1 stores ``zero - 1`` and cannot hold a zero point of 0 (an asymmetric group whose
-    values are all at or above its minimum's nibble); such a checkpoint is refused, naming it.
-    """
+    """compressed-tensors ``pack-quantized`` 4-bit tensors -> GPTQ v1 tensors (the same numbers;
+    a zero point of 0, which v1 cannot store, is re-expressed exactly by mirroring the group)."""
     packed, scale = tensors["weight_packed"], tensors["weight_scale"]
     n, k = (int(v) for v in tensors["weight_shape"].tolist()) if "weight_shape" in tensors else (
         packed.shape[0], packed.shape[1] * 8)
@@ -77,8 +74,6 @@ def compressed_tensors_to_gptq(tensors: dict[str, torch.Tensor], group_size: int
         if zp is None or zp.dtype != torch.int32 or tuple(zp.shape) != (n // 8, groups):
             raise ValueError(f"{name}: an asymmetric layer needs weight_zero_point int32 [N/8={n // 8}, G={groups}]")
         zeros = unpack_rows(zp, 4).t().contiguous()  # [G, N]
-        if bool((zeros == 0).any()):
-            raise ValueError(f"{name}: {int((zeros == 0).sum())} group(s) have zero point 0, which GPTQ v1 "
-                             "(hadacore's runtime layout) cannot store")
     q = unpack_rows(packed.t().contiguous(), 4).t()  # [N, K] nibbles
-    return pack_gptq(q, scale.t().contiguous(), zeros, default_g_idx(k, gs), 4)
+    g_idx = default_g_idx(k, gs)
+    return pack_gptq(*mirror_zero_point_zero(q, scale.t().contiguous(), zeros, g_idx), g_idx, 4)

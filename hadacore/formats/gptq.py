@@ -26,7 +26,7 @@ import torch
 __all__ = [
     "pack_gptq", "unpack_gptq", "dequantize_gptq", "check_gptq_tensors", "check_gptq_values", "check_g_idx_range",
     "default_g_idx",
-    "pack_rows", "unpack_rows", "concat_output_rows",
+    "pack_rows", "unpack_rows", "concat_output_rows", "unpack_zeros_wordwise", "mirror_zero_point_zero",
 ]
 
 _FORMATS = ("gptq", "gptq_v2")
@@ -315,3 +315,29 @@ def concat_output_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.
         "scales": torch.cat([p["scales"] for p in parts], dim=1),
         "g_idx": first["g_idx"].clone(),
     }
+
+
+def unpack_zeros_wordwise(qzeros: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """GPTQModel's reading of v1 ``qzeros``: ``+ 0x11111111`` on each whole 32-bit word, then
+    unpack (``[G, N]``). It writes v1 by subtracting the same constant from the packed v2
+    word, so a zero of 0 borrows from the next field; reading it back word-wise undoes that.
+    It agrees with the per-field ``+ 1`` of AutoGPTQ and vLLM unless a field holds 15."""
+    if bits != 4:
+        raise ValueError("word-wise zero decoding is defined for 4-bit GPTQ")
+    words = (qzeros.to(torch.int64) & 0xFFFFFFFF) + 0x11111111
+    return unpack_rows(_to_int32_bits(words & 0xFFFFFFFF).t(), bits).t().contiguous()
+
+
+def mirror_zero_point_zero(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                           bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scales, zeros)`` with every zero point 0 re-expressed exactly for GPTQ v1, which
+    cannot store 0 (it stores ``zero - 1``): ``(q - 0) s == ((maxq - q) - maxq) (-s)``, so those
+    groups' integers are mirrored, their scale negated and their zero set to ``maxq``.
+    ``q [N, K]``, ``scales`` / ``zeros`` ``[G, N]``; other groups are returned unchanged."""
+    hit = zeros == 0  # [G, N]
+    if not bool(hit.any()):
+        return q, scales, zeros
+    maxq = (1 << bits) - 1
+    columns = hit[g_idx.long()].t()  # [N, K]: does (n, k)'s group have zero 0?
+    return (torch.where(columns, maxq - q, q), torch.where(hit, -scales, scales),
+            torch.where(hit, torch.full_like(zeros, maxq), zeros))

@@ -14,7 +14,7 @@ Where ``H_m`` comes from (:func:`base_construction`):
   ``_data/hadamard_bases.txt``, so weights rotated by those tools run unchanged;
 * otherwise, in this order of preference, Paley I (order q + 1, q a prime power
   = 3 mod 4), Paley II (order 2(q + 1), q a prime power = 1 mod 4) or a Kronecker
-  product ``H_a kron H_b`` (smallest a); :mod:`hadacore._hadamard_constructions` writes
+  product ``H_a kron H_b`` (smallest a); :mod:`hadacore.hadamard.constructions` writes
   each one down exactly (GF(q) element order, irreducible polynomial, block layout).
 
 Which m for a given n (:func:`hadamard_factors`):
@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from hadacore import _hadamard_constructions as _hc
+from hadacore.hadamard import constructions as _hc
 
 __all__ = [
     "HADAMARD_BASES",
