@@ -160,7 +160,7 @@ class QuantizedModel:
         model = self.model.config.to_dict()
         for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
             model.pop(key, None)
-        model.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False)
+        model["tie_word_embeddings"] = False  # R1 unties lm_head from the embedding
         if o.format == "compressed-tensors":  # act-order ran with static groups: metadata only ("weight")
             gptq = GPTQSpec(bits=o.bits, group_size=o.group_size, sym=o.sym,
                             extra=(("actorder", "weight" if o.uses_act_order else None),))
