@@ -161,6 +161,7 @@ class QuantizedModel:
         for key in ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
             model.pop(key, None)
         model["tie_word_embeddings"] = False  # R1 unties lm_head from the embedding
+        model["architectures"] = [type(self.model).__name__]  # the source's: Qwen2 keeps its q/k/v biases
         if o.format == "compressed-tensors":  # act-order ran with static groups: metadata only ("weight")
             gptq = GPTQSpec(bits=o.bits, group_size=o.group_size, sym=o.sym,
                             extra=(("actorder", "weight" if o.uses_act_order else None),))
