@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hadacore.formats.gptq import check_gptq_tensors, check_gptq_values, dequantize_gptq
 from hadacore.kernels.checks import check_attention_args, check_hadamard_args, check_perm_values, check_prepared_args
-from hadacore.kernels.cpu.hadamard import hadamard_native
+from hadacore.kernels.cpu.hadamard import hadamard_native, hadamard_transposed
 from hadacore.kernels.cpu.w4a16 import w4a16_gemm_native, w4a16_gemm_prepared
 from hadacore.kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_attention_emulated
 
@@ -62,6 +62,26 @@ def _hadamard_cuda(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None
 def _hadamard_fake(x: Tensor, scale: float = 1.0, signs: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> Tensor:
     check_hadamard_args(x, signs, perm)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    _, ctx.scale, signs, perm = inputs
+    ctx.save_for_backward(signs, perm)
+
+
+def _hadamard_backward(ctx, grad):
+    """``y = (s (x * signs) H)[..., perm]``: ``dx = s ((dy scattered back through perm) H^T) * signs``."""
+    signs, perm = ctx.saved_tensors
+    if perm is not None:
+        grad = torch.zeros_like(grad).index_add_(-1, perm.to(torch.int64), grad)
+    dx = hadamard_transposed(grad, ctx.scale)
+    if signs is not None:
+        dx = dx * signs.to(dx.dtype)
+    return dx, None, None, None
+
+
+# Differentiable (learned rotations train through the online R4): the adjoint is the transposed transform.
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 
 
 def hadamard_transform(x: Tensor, scale: float = 1.0) -> Tensor:

@@ -178,3 +178,13 @@ def test_cpu_lowering_uses_matmul_form_only_for_small_inputs(rows: int, lowered:
     assert torch.allclose(y, f(x), rtol=1e-6, atol=1e-6)
     compiled = torch.compile(f, backend="hadacore")
     assert rel_err(compiled(x), 2.0 * reference(torch.relu(x), 1.0 / n ** 0.5)) < TOL[torch.float32]
+
+
+def test_backward_is_the_adjoint() -> None:
+    """Differentiable (learned rotations train through the online R4): gradcheck in fp64 with
+    signs and a permutation, on a power of two and on bases 12 and 76 (not symmetric)."""
+    for n in (64, 12 * 8, 76 * 4):
+        x = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(n)).double() * 2 - 1
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(n + 1))
+        assert torch.autograd.gradcheck(lambda t: hadamard_op(t, 0.3, signs, perm), (x,))

@@ -41,7 +41,10 @@ from torch import Tensor
 
 from hadacore.hadamard import hadamard_base, hadamard_factors, hadamard_matrix, sylvester
 
-__all__ = ["hadamard_native", "factor_plan", "use_matmul_form", "matmul_plan", "hadamard_by_matmuls", "MATMUL_FORM_MAX_ELEMS"]
+__all__ = [
+    "hadamard_native", "factor_plan", "use_matmul_form", "matmul_plan", "hadamard_by_matmuls",
+    "hadamard_transposed", "MATMUL_FORM_MAX_ELEMS",
+]
 
 #: A power-of-two part up to this size is one dense matmul.
 _MAX_SINGLE_FACTOR = 64
@@ -259,3 +262,19 @@ def hadamard_by_matmuls(
     if perm is not None:
         y = y.index_select(1, perm.to(torch.long))
     return y.to(x.dtype).reshape(x.shape)
+
+
+def hadamard_transposed(x: Tensor, scale: float) -> Tensor:
+    """``scale * x @ hadamard_matrix(n).T`` along the last dim: the transform's adjoint (its
+    backward). The same factor matrices as :func:`hadamard_by_matmuls`, each transposed
+    (the transpose of a Kronecker product is the product of the transposes). fp32
+    accumulation (fp64 for fp64), one rounding; any device."""
+    n = x.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    matrices, afters = matmul_plan(n, float(scale), acc, x.device, signed=True)
+    y = x.reshape(-1, n).to(acc)
+    for h, after in zip(matrices, afters):
+        f = h.shape[0]
+        h = h.mT
+        y = torch.mm(y.reshape(-1, f), h) if after == 1 else torch.matmul(h, y.reshape(-1, f, after))
+    return y.reshape(x.shape).to(x.dtype)
