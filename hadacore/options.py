@@ -25,12 +25,22 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-__all__ = ["CompileOptions", "ROTATIONS", "COMPILER_ROTATIONS", "check_rotate"]
+__all__ = ["CompileOptions", "ROTATIONS", "COMPILER_ROTATIONS", "check_rotate", "folds_r1_r2", "has_online_r4"]
 
 #: Every rotation setting (module docstring).
 ROTATIONS = ("none", "offline", "online", "full", "learned")
 #: The ones the compiler can apply to a graph.
 COMPILER_ROTATIONS = ("none", "online")
+
+
+def folds_r1_r2(rotate: str) -> bool:
+    """Whether the setting folds R1 and R2 into the weights (random Hadamard or learned)."""
+    return rotate in ("offline", "full", "learned")
+
+
+def has_online_r4(rotate: str) -> bool:
+    """Whether the setting rotates down_proj's input at run time (R4)."""
+    return rotate in ("online", "full", "learned")
 
 
 def check_rotate(value: Any, accepted: tuple[str, ...], what: str) -> str:

@@ -78,36 +78,48 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).double()
 
 
+def _linear(module: nn.Module) -> nn.Linear:
+    """The float linear (inside the R4 wrapper, once R4 is applied: R1/R2 commute with it)."""
+    return module.linear if isinstance(module, OnlineHadamardLinear) else module
+
+
 @torch.no_grad()
-def rotate_r1(model: nn.Module, signs: torch.Tensor) -> None:
-    """Rotate the residual stream by ``Q1 = diag(signs) H_D / sqrt(D)``. Norms must be folded."""
+def rotate_r1(model: nn.Module, signs: torch.Tensor | None = None, *, matrix: torch.Tensor | None = None) -> None:
+    """Rotate the residual stream by ``Q1``: ``diag(signs) H_D / sqrt(D)`` (a seeded random
+    Hadamard, applied as a transform), or a learned orthogonal ``matrix`` ``[D, D]`` (fp64).
+    Readers ``W <- W Q1``, writers ``W <- Q1^T W``, the embedding ``E <- E Q1``. Norms must be folded."""
+    if (signs is None) == (matrix is None):
+        raise ValueError("rotate_r1 takes signs (random Hadamard) or a matrix (learned), not both")
+    last = (lambda w: _hadamard_last(w, signs)) if matrix is None else (lambda w: w.double() @ matrix.double())
     emb = model.get_input_embeddings()
-    _set(emb.weight, _hadamard_last(emb.weight, signs))
+    _set(emb.weight, last(emb.weight))
     for layer in model.model.layers:
         at, mlp = layer.self_attn, layer.mlp
         for lin in (at.q_proj, at.k_proj, at.v_proj, mlp.gate_proj, mlp.up_proj):  # readers: W Q1
-            _set(lin.weight, _hadamard_last(lin.weight, signs))
-        for lin in (at.o_proj, mlp.down_proj):  # writers: Q1^T W = (W^T Q1)^T
-            _set(lin.weight, _hadamard_last(lin.weight.t(), signs).t())
+            _set(lin.weight, last(lin.weight))
+        for lin in (at.o_proj, _linear(mlp.down_proj)):  # writers: Q1^T W = (W^T Q1)^T
+            _set(lin.weight, last(lin.weight.t()).t())
             if lin.bias is not None:
-                _set(lin.bias, _hadamard_last(lin.bias, signs))
-    _set(model.lm_head.weight, _hadamard_last(model.lm_head.weight, signs))
+                _set(lin.bias, last(lin.bias))
+    _set(model.lm_head.weight, last(model.lm_head.weight))
 
 
 @torch.no_grad()
-def rotate_r2(model: nn.Module, head_dim: int) -> None:
-    """Per-head ``R2 = H_hd / sqrt(hd)``: V's output rows of every KV head, O's input columns
-    of every query head (GQA: a query head reads its KV head's rotated values)."""
-    for layer in model.model.layers:
+def rotate_r2(model: nn.Module, head_dim: int, *, matrices: torch.Tensor | None = None) -> None:
+    """Per-head ``R2``: ``H_hd / sqrt(hd)``, or each layer's learned ``matrices[i]`` ``[hd, hd]``,
+    on V's output rows of every KV head and O's input columns of every query head (GQA: a
+    query head reads its KV head's rotated values)."""
+    for i, layer in enumerate(model.model.layers):
+        last = _hadamard_last if matrices is None else (lambda w, r=matrices[i].double(): w.double() @ r)
         v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
         w = v.weight.double()  # [KV*hd, D]: per head R2^T W_h = (W_h^T R2)^T
         kv = w.shape[0] // head_dim
-        w = _hadamard_last(w.view(kv, head_dim, -1).transpose(1, 2)).transpose(1, 2).reshape(v.weight.shape)
+        w = last(w.view(kv, head_dim, -1).transpose(1, 2)).transpose(1, 2).reshape(v.weight.shape)
         _set(v.weight, w)
         if v.bias is not None:
-            _set(v.bias, _hadamard_last(v.bias.view(kv, head_dim)).reshape(-1))
+            _set(v.bias, last(v.bias.view(kv, head_dim)).reshape(-1))
         wo = o.weight.double()  # [D, H*hd]: per head W_h R2
-        _set(o.weight, _hadamard_last(wo.view(wo.shape[0], -1, head_dim)).reshape(o.weight.shape))
+        _set(o.weight, last(wo.view(wo.shape[0], -1, head_dim)).reshape(o.weight.shape))
 
 
 @torch.no_grad()
@@ -119,6 +131,8 @@ def rotate_r4_weights(model: nn.Module, blocks: int = 1) -> None:
     """
     for layer in model.model.layers:
         d = layer.mlp.down_proj
+        if isinstance(d, OnlineHadamardLinear):
+            raise ValueError("R4 is already applied to this model")
         n, k = d.weight.shape
         _set(d.weight, _hadamard_last(d.weight.view(n, blocks, k // blocks)).reshape(n, k))
         layer.mlp.down_proj = OnlineHadamardLinear(d, k // blocks)

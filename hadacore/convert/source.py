@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hadacore.hadamard import check_hadamard_size
+from hadacore.options import folds_r1_r2, has_online_r4
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelShape", "Source", "load_source", "model_shape", "check_model", "check_sizes",
@@ -112,10 +113,10 @@ def check_finite(model: nn.Module) -> None:
 def check_sizes(shape: ModelShape, *, rotate: str, tp: int, group_size: int) -> None:
     """Every Hadamard the chosen rotations need is supported, every layer's input size is
     a multiple of the group size (per TP shard for the row-parallel o_proj/down_proj)."""
-    if rotate in ("offline", "full"):
+    if folds_r1_r2(rotate):
         check_hadamard_size(shape.hidden, what=f"R1 needs a Hadamard of the hidden size {shape.hidden}")
         check_hadamard_size(shape.head_dim, what=f"R2 needs a Hadamard of the head size {shape.head_dim}")
-    if rotate in ("online", "full"):
+    if has_online_r4(rotate):
         if shape.intermediate % tp:
             raise ValueError(f"intermediate size {shape.intermediate} is not divisible by tp={tp}")
         block = shape.intermediate // tp
