@@ -10,9 +10,11 @@ import sys
 import types
 
 from hadacore.checkpoint import load
+from hadacore.convert.learn import LearnOptions
 from hadacore.convert.pipeline import convert as _convert
+from hadacore.convert.tune import TuneOptions
 
-__all__ = ["convert", "load"]
+__all__ = ["convert", "load", "LearnOptions", "TuneOptions"]
 
 convert = _convert
 

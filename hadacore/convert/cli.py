@@ -54,6 +54,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hadacore.convert.learn import LOSSES, LearnOptions
+    from hadacore.convert.pipeline import CONVERTER_ROTATIONS
+    from hadacore.convert.tune import TuneOptions
+
     p = argparse.ArgumentParser(prog="hadacore-convert", description="Convert a Llama-family model into a Hadamard-rotated W4A16 GPTQ checkpoint.")
     p.add_argument("src", help="Hugging Face directory (config.json + safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("out", help="output directory (written atomically)")
@@ -61,9 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=_group_size, default=128, help="quantization group size along K; -1 = per-channel")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ act-order (desc_act)")
-    p.add_argument("--rotate", choices=("none", "offline", "online", "full"), default="offline",
+    p.add_argument("--rotate", choices=CONVERTER_ROTATIONS, default="offline",
                    help="none: plain GPTQ; offline: R1+R2 folded into weights; online: R4 alone (online Hadamard on "
-                        "down_proj's input); full: offline + online. Online rotations load only in hadacore")
+                        "down_proj's input); full: offline + online; learned: full with R1/R2 optimised on the "
+                        "calibration text with the quantizer in the loop. Online rotations (R4) load only in hadacore "
+                        "and vLLM (compressed-tensors)")
+    learn = LearnOptions()
+    p.add_argument("--rotation-steps", type=int, default=learn.steps, help="--rotate learned: optimizer steps")
+    p.add_argument("--rotation-lr", type=float, default=learn.lr, help="--rotate learned: Cayley-Adam learning rate")
+    p.add_argument("--rotation-samples", type=int, default=learn.samples,
+                   help="--rotate learned: calibration sequences (of --rotation-seqlen tokens) the steps draw from")
+    p.add_argument("--rotation-seqlen", type=int, default=learn.seqlen, help="--rotate learned: tokens per sequence")
+    p.add_argument("--rotation-loss", choices=LOSSES, default=learn.loss,
+                   help="--rotate learned: kl (to the fp model's next-token distribution) or ce (next-token "
+                        "cross-entropy)")
+    p.add_argument("--rotation-from", metavar="DIR",
+                   help="--rotate learned: fold the rotations a learned conversion wrote to DIR instead of learning")
+    tune = TuneOptions()
+    p.add_argument("--tune-steps", type=int, default=tune.steps,
+                   help="end-to-end tuning of the group scales after quantization, against the fp model (0: off)")
+    p.add_argument("--tune-lr", type=float, default=tune.lr, help="scale tuning: relative learning rate")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to plan act-order and R4 blocks for")
     p.add_argument("--calibration", default="packaged",
                    help="a text file, or a packaged text: 'packaged'/'lee' (gensim's lee_background.cor news), "
@@ -104,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             rotate=a.rotate, tp=a.tp, calibration=None if a.calibration == "packaged" else a.calibration,
             samples=a.samples, seqlen=a.seqlen, seed=a.seed, w_clip=a.w_clip, sym=a.sym, static_groups=a.static_groups,
             gptaq=a.gptaq, gptaq_alpha=a.gptaq_alpha, percdamp=a.percdamp, force=a.force, dtype=getattr(torch, a.dtype),
-            format=a.format,
+            format=a.format, rotation_from=a.rotation_from,
+            learn=LearnOptions(steps=a.rotation_steps, lr=a.rotation_lr, samples=a.rotation_samples,
+                               seqlen=a.rotation_seqlen, loss=a.rotation_loss, seed=a.seed),
+            tune=TuneOptions(steps=a.tune_steps, lr=a.tune_lr, seed=a.seed),
         )
     except EXPECTED_ERRORS as e:
         print(f"hadacore-convert: error: {describe_error(e)}", file=sys.stderr)

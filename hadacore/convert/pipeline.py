@@ -25,6 +25,7 @@ Act-order and tensor parallelism (DESIGN.md, "Act-order and TP-aware permutation
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,14 +35,16 @@ import torch
 from torch import nn
 
 from hadacore.checkpoint.config import CheckpointConfig, GPTQSpec, OnlineRotations
+from hadacore.convert.learn import ROTATIONS_FILE, LearnedRotations, LearnOptions, hadamard_start, learn_rotations
 from hadacore.convert.modules import OnlineHadamardLinear
+from hadacore.convert.tune import TuneOptions, tune_scales
 from hadacore.convert.rotate import fold_norms, random_signs, rotate_r1, rotate_r2, rotate_r4_weights
 from hadacore.convert.source import ModelShape, check_finite, check_sizes, model_shape
 from hadacore.quant.gptq import HessianAccumulator, act_order_perm_from_hessian, gptq_quantize
 from hadacore.quant.linear import QuantLinear
 from hadacore.quant.act_order import fold_into_gate_up
 from hadacore.quant.rtn import rtn_gptq_tensors
-from hadacore.options import check_rotate
+from hadacore.options import ROTATIONS, check_rotate, folds_r1_r2, has_online_r4
 
 __all__ = ["ConvertOptions", "QuantizedModel", "rotate_model", "quantize_model"]
 
@@ -49,8 +52,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
 FORMATS = ("gptq", "compressed-tensors")
-#: The converter's rotation settings (hadacore.options.ROTATIONS: the vocabulary the compiler shares).
-CONVERTER_ROTATIONS = ("none", "offline", "online", "full")
+#: The converter takes every rotation setting (hadacore.options.ROTATIONS, shared with the compiler).
+CONVERTER_ROTATIONS = ROTATIONS
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -88,6 +91,10 @@ class ConvertOptions:
     # "gptq": GPTQ v1 tensors (act-order with g_idx); "compressed-tensors": what vLLM reads (no
     # g_idx: act-order runs with static groups; R4 as a Sylvester transform, TP=1).
     format: str = "gptq"
+    # How R1/R2 are learned with rotate="learned" (hadacore.convert.learn).
+    learn: LearnOptions = LearnOptions()
+    # End-to-end scale tuning after quantization (hadacore.convert.tune); steps=0: off.
+    tune: TuneOptions = TuneOptions()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -109,6 +116,10 @@ class ConvertOptions:
             raise ValueError(f"gptaq_alpha must be >= 0, got {self.gptaq_alpha}")
         if self.method != "gptq" and (self.static_groups or self.gptaq):
             raise ValueError("static_groups and gptaq are options of method='gptq'")
+        if not isinstance(self.learn, LearnOptions):
+            raise TypeError(f"learn must be a hadacore.convert.LearnOptions, got {type(self.learn).__name__}")
+        if not isinstance(self.tune, TuneOptions):
+            raise TypeError(f"tune must be a hadacore.convert.TuneOptions, got {type(self.tune).__name__}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.format == "compressed-tensors":
@@ -128,7 +139,7 @@ class ConvertOptions:
     @property
     def has_r4(self) -> bool:
         """R4 on down_proj (weight offline, input online at run time)."""
-        return self.rotate in ("online", "full")
+        return has_online_r4(self.rotate)
 
     def r4_block(self, intermediate: int) -> int | None:
         """R4's block: ``intermediate / tp`` (a shard-local rotation per rank), or for
@@ -147,6 +158,9 @@ class QuantizedModel:
     shape: ModelShape
     options: ConvertOptions
     plan: dict = field(default_factory=dict)  # how act-order was handled per layer kind
+    rotations: LearnedRotations | None = None  # rotate="learned": the folded R1/R2 and their record
+    calibration_shape: tuple[int, int] | None = None  # [samples, seqlen] of the calibration ids used
+    scale_tuning: dict | None = None  # the record of end-to-end scale tuning, when it ran
 
     @property
     def online(self) -> OnlineRotations:
@@ -172,19 +186,24 @@ class QuantizedModel:
                 extra=(("true_sequential", True), ("damp_percent", o.percdamp), ("static_groups", o.static_groups),
                        ("lm_head", False)),
             )
-        r12 = o.rotate in ("offline", "full")
+        r12 = folds_r1_r2(o.rotate)
+        if o.rotate == "learned":
+            r1_r2 = {"kind": "learned", "file": ROTATIONS_FILE, **self.rotations.record}
+        else:
+            r1_r2 = {"kind": "random_hadamard", "seed": o.seed} if r12 else None
         provenance = {
             "source": source,
             "method": o.method,
             "rotate": o.rotate,
             "rotations": {"r1": r12, "r2": r12, "r4_weight": o.has_r4},
-            "r1": {"kind": "random_hadamard", "seed": o.seed} if r12 else None,
+            "r1_r2": r1_r2,
             "tp_planned": o.tp,
             "act_order": self.plan,
             "w_clip": o.w_clip,
             "gptaq": {"alpha": o.gptaq_alpha} if o.gptaq else None,
-            "calibration": ({"samples": o.samples, "seqlen": o.seqlen, "seed": o.seed, "text": calibration}
-                            if o.method == "gptq" else None),
+            "scale_tuning": self.scale_tuning,
+            "calibration": ({"samples": self.calibration_shape[0], "seqlen": self.calibration_shape[1],
+                             "seed": o.seed, "text": calibration} if self.calibration_shape else None),
         }
         return CheckpointConfig(model=model, gptq=gptq, online=self.online, dtype=o.dtype, provenance=provenance,
                                 format=o.format)
@@ -193,16 +212,38 @@ class QuantizedModel:
 # --------------------------------------------------------------------------- rotation
 
 
-def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, r4_block: int | None = None) -> None:
-    """Fold norms, untie, and apply the offline rotations of ``rotate`` in place (fp, exact)."""
+def rotate_model(model: nn.Module, *, rotate: str, seed: int = 0, r4_block: int | None = None,
+                 rotations: LearnedRotations | None = None) -> None:
+    """Fold norms, untie, and apply the offline rotations of ``rotate`` in place (fp, exact).
+
+    ``rotate="learned"`` folds the given learned ``rotations``; without them it stops after the
+    norms and R4, the model :func:`~hadacore.convert.learn.learn_rotations` trains R1/R2 on.
+    """
     shape = model_shape(model.config)
     fold_norms(model)
-    if rotate in ("offline", "full"):
-        rotate_r1(model, random_signs(shape.hidden, seed))
-        rotate_r2(model, shape.head_dim)
-    if rotate in ("online", "full"):
+    if has_online_r4(rotate):  # first: R4 acts on down_proj's input, R1/R2 on other dims (they commute)
         k = shape.intermediate
         rotate_r4_weights(model, blocks=k // (r4_block or k))
+    if rotate == "learned":
+        if rotations is not None:
+            rotations.check(shape.hidden, shape.head_dim, shape.layers)
+            rotate_r1(model, matrix=rotations.r1)
+            rotate_r2(model, shape.head_dim, matrices=rotations.r2)
+    elif folds_r1_r2(rotate):
+        rotate_r1(model, random_signs(shape.hidden, seed))
+        rotate_r2(model, shape.head_dim)
+
+
+def _training_windows(calibration_ids: torch.Tensor, samples: int, seqlen: int, what: str) -> torch.Tensor:
+    """Sequences for rotation learning or scale tuning: the calibration ids cut into ``seqlen`` windows."""
+    n, t = calibration_ids.shape
+    if t < seqlen:
+        raise ValueError(f"{what} uses {seqlen}-token sequences; the calibration ids have {t}")
+    windows = calibration_ids[:, : t // seqlen * seqlen].reshape(-1, seqlen)
+    if windows.shape[0] < samples:
+        log.warning("%s: %d calibration sequences of %d tokens, fewer than the %d asked for",
+                    what, windows.shape[0], seqlen, samples)
+    return windows[:samples]
 
 
 # --------------------------------------------------------------------------- quantization
@@ -385,24 +426,43 @@ def _act_order_plan(o: ConvertOptions, shape: ModelShape) -> dict:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torch.Tensor | None = None, *, progress: bool | None = None) -> QuantizedModel:
+def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torch.Tensor | None = None, *,
+                   rotations: LearnedRotations | None = None, progress: bool | None = None) -> QuantizedModel:
     """Rotate and quantize ``model`` (fp32, modified in place) into a QuantLinear model in ``opts.dtype``.
 
-    Streams layer by layer: calibration activations flow through layer ``i`` after layers
-    ``< i`` are quantized, and each layer's float weights are dropped once it is done.
+    ``rotate="learned"``: R1/R2 are learned on ``calibration_ids`` first, unless ``rotations``
+    (from an earlier run) are given. Streams layer by layer: calibration activations flow
+    through layer ``i`` after layers ``< i`` are quantized, and each layer's float weights are
+    dropped once it is done.
     """
     from tqdm.auto import tqdm
 
     shape = model_shape(model.config)
     check_sizes(shape, rotate=opts.rotate, tp=opts.tp, group_size=opts.group_size)
     check_finite(model)
-    if opts.method == "gptq":
+    if rotations is not None and opts.rotate != "learned":
+        raise ValueError(f"learned rotations were given, but rotate={opts.rotate!r}: use rotate='learned'")
+    learning = opts.rotate == "learned" and rotations is None
+    tuning = opts.tune.steps > 0
+    if opts.method == "gptq" or learning or tuning:
         if calibration_ids is None:
-            raise ValueError("GPTQ needs calibration token ids")
+            raise ValueError("GPTQ, rotation learning and scale tuning need calibration token ids")
         if calibration_ids.dim() != 2 or calibration_ids.dtype != torch.long:
             raise ValueError(f"calibration ids must be a LongTensor [samples, seqlen], got {calibration_ids.dtype} {tuple(calibration_ids.shape)}")
     model = model.float().eval()
-    rotate_model(model, rotate=opts.rotate, seed=opts.seed, r4_block=opts.r4_block(shape.intermediate))
+    teacher = copy.deepcopy(model) if tuning else None  # the fp model scale tuning matches
+    rotate_model(model, rotate=opts.rotate, seed=opts.seed, r4_block=opts.r4_block(shape.intermediate),
+                 rotations=rotations)
+    if learning:
+        with torch.enable_grad():
+            rotations = learn_rotations(
+                model, _training_windows(calibration_ids, opts.learn.samples, opts.learn.seqlen, "rotation learning"),
+                bits=opts.bits, group_size=opts.group_size,
+                sym=opts.sym, opts=opts.learn, start=hadamard_start(shape.hidden, shape.head_dim, shape.layers, opts.seed),
+                head_dim=shape.head_dim, progress=progress)
+        rotations.record["start"] = {"kind": "random_hadamard", "seed": opts.seed}
+        rotate_r1(model, matrix=rotations.r1)
+        rotate_r2(model, shape.head_dim, matrices=rotations.r2)
     plan = _act_order_plan(opts, shape)
     quantizer = _LayerQuantizer(opts, shape)
 
@@ -423,9 +483,16 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
             inps = [(_layer_out(layer(h, **kw)), kw) for h, kw in inps]
         bar.update(1)
     bar.close()
+    tuned = None
+    if tuning:
+        with torch.enable_grad():
+            tuned = tune_scales(model, teacher, _training_windows(calibration_ids, opts.tune.samples, opts.tune.seqlen,
+                                                                   "scale tuning"), opts.tune, progress=progress)
+        del teacher
     model.to(opts.dtype)
     log.info("quantized %d layers (%s, %d-bit, group %d, rotate=%s, tp=%d)", len(layers), opts.method, opts.bits, opts.group_size, opts.rotate, opts.tp)
-    return QuantizedModel(model, shape, opts, plan)
+    used = tuple(calibration_ids.shape) if opts.method == "gptq" or learning or tuning else None
+    return QuantizedModel(model, shape, opts, plan, rotations, used, tuned)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -495,6 +562,9 @@ def convert(
     force: bool = False,
     dtype: torch.dtype = torch.float16,
     format: str = "gptq",
+    learn: LearnOptions | None = None,
+    rotation_from: str | Path | None = None,
+    tune: TuneOptions | None = None,
     tokenizer=None,
     max_shard_bytes: int | None = None,
 ) -> Path:
@@ -518,7 +588,14 @@ def convert(
     ``format``: "gptq" (GPTQ v1, act-order with g_idx; the default) or "compressed-tensors"
     (vLLM's ``pack-quantized``: no g_idx, so act-order runs with static groups; an online R4
     becomes a Sylvester transform over the largest power-of-two block of the intermediate
-    size, which vLLM applies at tensor-parallel size 1). Returns the output directory.
+    size, which vLLM applies at tensor-parallel size 1). ``rotate="learned"``: ``full`` with R1
+    and every layer's R2 optimised on the calibration text with the quantizer in the loop
+    (``learn``: steps, lr, samples...; :mod:`hadacore.convert.learn`), written to
+    ``out_dir/rotations/learned.safetensors``; ``rotation_from``: the output directory of an
+    earlier learned conversion, whose rotations are folded instead of learning new ones.
+    ``tune``: end-to-end tuning of the group scales after quantization
+    (:mod:`hadacore.convert.tune`; ``TuneOptions(steps=N)``, off by default).
+    Returns the output directory.
     """
     from hadacore.checkpoint.write import DEFAULT_MAX_SHARD_BYTES, atomic_output_dir, write_checkpoint
     from hadacore.convert.source import load_source
@@ -529,17 +606,26 @@ def convert(
     opts = ConvertOptions(bits=bits, group_size=group_size, method=method, act_order=act_order, rotate=rotate,
                           tp=tp, samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, w_clip=w_clip, sym=sym,
                           static_groups=static_groups, gptaq=gptaq, gptaq_alpha=gptaq_alpha, percdamp=percdamp,
-                          format=format)
+                          format=format, learn=learn or LearnOptions(), tune=tune or TuneOptions())
+    rotations = None
+    if rotation_from is not None:
+        if rotate != "learned":
+            raise ValueError(f"rotation_from needs rotate='learned' (got rotate={rotate!r})")
+        rotations = LearnedRotations.load(rotation_from)
+        rotations.record["from"] = str(rotation_from)
     protect = (model_or_path,) if isinstance(model_or_path, (str, os.PathLike)) else ()
     # Claimed before the slow part: a bad or unwritable OUT fails now, not after the conversion.
     with atomic_output_dir(out_dir, force=force, protect=protect) as work:
         src = load_source(model_or_path, tokenizer=tokenizer,
                           check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
-        ids = _calibration_ids(calibration, src.tokenizer, opts) if method == "gptq" else None
+        calibrated = method == "gptq" or (rotate == "learned" and rotations is None) or opts.tune.steps > 0
+        ids = _calibration_ids(calibration, src.tokenizer, opts) if calibrated else None
         log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
-        qm = quantize_model(src.model, opts, ids)
-        config = qm.checkpoint_config(src.description, _describe_calibration(calibration) if method == "gptq" else None)
+        qm = quantize_model(src.model, opts, ids, rotations=rotations)
+        config = qm.checkpoint_config(src.description, _describe_calibration(calibration) if calibrated else None)
         names = write_checkpoint(qm.model, config, work, tokenizer=src.tokenizer,
                                  max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+        if qm.rotations is not None:
+            qm.rotations.save(work)
     log.info("wrote %s (%d safetensors file%s)", out_dir, len(names), "s" * (len(names) > 1))
     return Path(out_dir)
