@@ -10,7 +10,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from outlier_llama import HEAD_DIM, HIDDEN, INTER, LAYERS, outlier_llama, sampled_text  # noqa: E402
+from outlier_llama import BITS, GROUP, HEAD_DIM, HIDDEN, INTER, LAYERS, model, text  # noqa: E402,F401 (fixtures)
 
 import hadacore  # noqa: E402
 from hadacore.checkpoint import load  # noqa: E402
@@ -25,20 +25,7 @@ from hadacore.convert.source import model_shape  # noqa: E402
 from hadacore.quant.linear import reference_numerics  # noqa: E402
 from hadacore.quant.rtn import quantize_rtn  # noqa: E402
 
-# 2-bit: a random tiny model at 4 bits loses so little (KL ~0.02 nats/token) that a
-# rotation has nothing measurable to win; at 2 bits it has (KL ~0.19).
-BITS, GROUP = 2, 16
 LEARN = LearnOptions(steps=40, lr=5e-3, samples=32, seqlen=64, batch=4)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return outlier_llama()
-
-
-@pytest.fixture(scope="module")
-def text(model):
-    return sampled_text(model)
 
 
 def prepared(model):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from outlier_llama import outlier_llama, sampled_text  # noqa: E402
+from outlier_llama import BITS, GROUP, model, outlier_llama, text  # noqa: E402,F401 (fixtures)
 
 import hadacore  # noqa: E402
 from hadacore.checkpoint import load  # noqa: E402
@@ -19,18 +19,7 @@ from hadacore.convert.tune import _TunedLinear  # noqa: E402
 from hadacore.quant.linear import QuantLinear, reference_numerics  # noqa: E402
 from hadacore.quant.rtn import rtn_gptq_tensors  # noqa: E402
 
-BITS, GROUP = 2, 16  # as in test_learn: at 4 bits a random tiny model has almost nothing to recover
 TUNE = TuneOptions(steps=30, lr=1e-2, samples=32, seqlen=64, batch=4)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return outlier_llama()
-
-
-@pytest.fixture(scope="module")
-def text(model):
-    return sampled_text(model)
 
 
 def _convert(model, out, text, **kw):
