@@ -79,10 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     windows = data.eval_windows(tok, windows=a.windows)
     calib = {}
 
+    # As the converter draws: GPTQ's windows first, more when learning or tuning want more tokens.
+    windows_drawn = ConvertOptions(samples=a.samples, seqlen=512, rotate="learned", learn=learn, tune=tune).calibration_windows()
+
     def calibration(source: str) -> torch.Tensor:
         if source not in calib:
             text = data.CALIBRATION_SOURCES[source]()
-            calib[source] = data.calibration_tokens(tok, samples=a.samples, seqlen=512, seed=a.seed, text=text)
+            calib[source] = data.calibration_tokens(tok, samples=windows_drawn, seqlen=512, seed=a.seed, text=text)
         return calib[source]
 
     print(f"SmolLM2-135M-Instruct, perplexity on {windows.shape[0]} x {windows.shape[1]} held-out Wikipedia tokens; "

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-steps", type=int, default=tune.steps,
                    help="end-to-end tuning of the group scales after quantization, against the fp model (0: off)")
     p.add_argument("--tune-lr", type=float, default=tune.lr, help="scale tuning: relative learning rate")
+    p.add_argument("--tune-samples", type=int, default=tune.samples,
+                   help=f"scale tuning: calibration sequences of {tune.seqlen} tokens the steps draw from (more "
+                        "calibration text is drawn when --samples holds fewer tokens)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to plan act-order and R4 blocks for")
     p.add_argument("--calibration", default="packaged",
                    help="a text file, or a packaged text: 'packaged'/'lee' (gensim's lee_background.cor news), "
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             format=a.format, rotation_from=a.rotation_from,
             learn=LearnOptions(steps=a.rotation_steps, lr=a.rotation_lr, samples=a.rotation_samples,
                                seqlen=a.rotation_seqlen, loss=a.rotation_loss, seed=a.seed),
-            tune=TuneOptions(steps=a.tune_steps, lr=a.tune_lr, seed=a.seed),
+            tune=TuneOptions(steps=a.tune_steps, lr=a.tune_lr, samples=a.tune_samples, seed=a.seed),
         )
     except EXPECTED_ERRORS as e:
         print(f"hadacore-convert: error: {describe_error(e)}", file=sys.stderr)

@@ -136,6 +136,17 @@ class ConvertOptions:
     def uses_act_order(self) -> bool:
         return self.method == "gptq" and self.act_order
 
+    def calibration_windows(self, learning: bool = True) -> int:
+        """How many ``seqlen``-token windows to draw: GPTQ's ``samples``, or more where rotation
+        learning or scale tuning ask for more tokens (they cut the same draw into their own
+        sequences; GPTQ uses its first ``samples``)."""
+        tokens = [self.samples * self.seqlen]
+        if learning and self.rotate == "learned":
+            tokens.append(self.learn.samples * self.learn.seqlen)
+        if self.tune.steps > 0:
+            tokens.append(self.tune.samples * self.tune.seqlen)
+        return max(-(-t // self.seqlen) for t in tokens)
+
     @property
     def has_r4(self) -> bool:
         """R4 on down_proj (weight offline, input online at run time)."""
@@ -431,7 +442,9 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
     """Rotate and quantize ``model`` (fp32, modified in place) into a QuantLinear model in ``opts.dtype``.
 
     ``rotate="learned"``: R1/R2 are learned on ``calibration_ids`` first, unless ``rotations``
-    (from an earlier run) are given. Streams layer by layer: calibration activations flow
+    (from an earlier run) are given. GPTQ calibrates on the first ``opts.samples`` rows of
+    ``calibration_ids``; learning and tuning cut all of them into their own sequences
+    (:meth:`ConvertOptions.calibration_windows` says how many to draw). Streams layer by layer: calibration activations flow
     through layer ``i`` after layers ``< i`` are quantized, and each layer's float weights are
     dropped once it is done.
     """
@@ -466,7 +479,8 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
     plan = _act_order_plan(opts, shape)
     quantizer = _LayerQuantizer(opts, shape)
 
-    inps = _capture_layer0_inputs(model, calibration_ids, opts.batch_size) if opts.method == "gptq" else None
+    # GPTQ calibrates on the first `samples` windows; learning and tuning may have drawn more.
+    inps = _capture_layer0_inputs(model, calibration_ids[:opts.samples], opts.batch_size) if opts.method == "gptq" else None
     fp_inps = list(inps) if opts.method == "gptq" and opts.gptaq else None
     layers = model.model.layers
     bar = tqdm(total=len(layers), desc=f"{opts.method} w{opts.bits}g{opts.group_size}", unit="layer", disable=None if progress is None else not progress)
@@ -498,8 +512,8 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
 # --------------------------------------------------------------------------- end to end
 
 
-def _calibration_ids(calibration, tokenizer, opts: ConvertOptions) -> torch.Tensor:
-    """Token ids ``[samples, seqlen]`` from any accepted ``calibration`` value."""
+def _calibration_ids(calibration, tokenizer, opts: ConvertOptions, windows: int) -> torch.Tensor:
+    """Token ids ``[windows, seqlen]`` from any accepted ``calibration`` value (token ids as given)."""
     from hadacore import data
 
     if isinstance(calibration, torch.Tensor):
@@ -521,7 +535,7 @@ def _calibration_ids(calibration, tokenizer, opts: ConvertOptions) -> torch.Tens
         text = list(calibration)
     else:
         raise TypeError(f"calibration must be a text file path, a list of strings, a LongTensor or None, got {type(calibration).__name__}")
-    return data.calibration_tokens(tokenizer, samples=opts.samples, seqlen=opts.seqlen, seed=opts.seed, text=text)
+    return data.calibration_tokens(tokenizer, samples=windows, seqlen=opts.seqlen, seed=opts.seed, text=text)
 
 
 def _describe_calibration(calibration) -> str:
@@ -618,8 +632,9 @@ def convert(
     with atomic_output_dir(out_dir, force=force, protect=protect) as work:
         src = load_source(model_or_path, tokenizer=tokenizer,
                           check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
-        calibrated = method == "gptq" or (rotate == "learned" and rotations is None) or opts.tune.steps > 0
-        ids = _calibration_ids(calibration, src.tokenizer, opts) if calibrated else None
+        learning = rotate == "learned" and rotations is None
+        calibrated = method == "gptq" or learning or opts.tune.steps > 0
+        ids = _calibration_ids(calibration, src.tokenizer, opts, opts.calibration_windows(learning)) if calibrated else None
         log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
         qm = quantize_model(src.model, opts, ids, rotations=rotations)
         config = qm.checkpoint_config(src.description, _describe_calibration(calibration) if calibrated else None)
