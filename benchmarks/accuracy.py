@@ -11,7 +11,9 @@ Rows (``--rows``, comma-separated):
 - ``rtn`` / ``gptq``: 4-bit symmetric (``--asym``: asymmetric), for each ``--rotate`` (none, full) and ``--groups``
   (64, per-channel -1), with the converter's defaults otherwise (w_clip on, act-order,
   damping 0.01; GPTQ calibrates on ``--samples`` x 512 tokens of ``lee_background.cor``).
-- ``best``: the best setting found on this model (``BEST`` below), group 64, rotate full.
+- ``best``: the best GPTQ setting found on this model (``BEST`` below), group 64, for each
+  ``--rotate`` (``learned`` too); with ``--tune-steps 100`` it is the most accurate setting
+  measured (23.08 through ``hadacore-convert``; see BENCHMARKS.md).
 
 Perplexity is on the first ``--windows`` (default 8) non-overlapping 512-token windows of the
 held-out Wikipedia excerpt (``hadacore.data.eval_windows``); calibration text never
