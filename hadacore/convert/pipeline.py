@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,12 +141,11 @@ class ConvertOptions:
         """How many ``seqlen``-token windows to draw: GPTQ's first ``samples``, then scale
         tuning's own windows after them (text GPTQ did not fit), and at least what rotation
         learning cuts into its sequences (it runs before GPTQ and reads the whole draw)."""
-        windows = lambda tokens: -(-tokens // self.seqlen)  # noqa: E731
         n = self.samples
         if self.tune.steps > 0:
-            n += windows(self.tune.samples * self.tune.seqlen)
+            n += math.ceil(self.tune.samples * self.tune.seqlen / self.seqlen)
         if learning and self.rotate == "learned":
-            n = max(n, windows(self.learn.samples * self.learn.seqlen))
+            n = max(n, math.ceil(self.learn.samples * self.learn.seqlen / self.seqlen))
         return n
 
     @property
