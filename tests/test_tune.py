@@ -94,3 +94,8 @@ def test_tuning_draws_more_calibration_and_gptq_keeps_its_samples(model, text):
     few = quantize_model(copy.deepcopy(model), plain, text[:8]).model.state_dict()
     more = quantize_model(copy.deepcopy(model), plain, text[:12]).model.state_dict()
     assert few.keys() == more.keys() and all(torch.equal(few[k], more[k]) for k in few)
+
+
+def test_provenance_says_which_windows_gptq_read(checkpoints):
+    calibration = json.loads((checkpoints[1] / "config.json").read_text())["hadacore"]["calibration"]
+    assert calibration["samples"] == 32 and calibration["gptq_samples"] == 32, calibration  # given 32 windows

@@ -38,9 +38,9 @@ from torch import nn
 from hadacore.checkpoint.config import CheckpointConfig, GPTQSpec, OnlineRotations
 from hadacore.convert.learn import ROTATIONS_FILE, LearnedRotations, LearnOptions, hadamard_start, learn_rotations
 from hadacore.convert.modules import OnlineHadamardLinear
-from hadacore.convert.tune import TuneOptions, tune_scales
 from hadacore.convert.rotate import fold_norms, random_signs, rotate_r1, rotate_r2, rotate_r4_weights
 from hadacore.convert.source import ModelShape, check_finite, check_sizes, model_shape
+from hadacore.convert.tune import TuneOptions, tune_scales
 from hadacore.quant.gptq import HessianAccumulator, act_order_perm_from_hessian, gptq_quantize
 from hadacore.quant.linear import QuantLinear
 from hadacore.quant.act_order import fold_into_gate_up
@@ -214,7 +214,9 @@ class QuantizedModel:
             "w_clip": o.w_clip,
             "gptaq": {"alpha": o.gptaq_alpha} if o.gptaq else None,
             "scale_tuning": self.scale_tuning,
+            # windows drawn; GPTQ read the first `gptq_samples`, tuning the ones after them
             "calibration": ({"samples": self.calibration_shape[0], "seqlen": self.calibration_shape[1],
+                             "gptq_samples": min(o.samples, self.calibration_shape[0]) if o.method == "gptq" else 0,
                              "seed": o.seed, "text": calibration} if self.calibration_shape else None),
         }
         return CheckpointConfig(model=model, gptq=gptq, online=self.online, dtype=o.dtype, provenance=provenance,
