@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     def quantized(method: str, group: int, rotate: str, calibration_source: str = "lee", **extra):
         opts = ConvertOptions(method=method, group_size=group, rotate=rotate, samples=a.samples, seqlen=512,
                               seed=a.seed, learn=learn, tune=tune, **extra)
-        calibrated = method == "gptq" or rotate == "learned" or tune.steps > 0
-        ids = calibration(calibration_source) if calibrated else None
+        ids = calibration(calibration_source) if opts.reads_calibration() else None
         return quantize_model(copy.deepcopy(src.model), opts, ids, progress=False).model.float()
 
     suffix = f", scales tuned {tune.steps} steps" if tune.steps else ""

@@ -137,6 +137,11 @@ class ConvertOptions:
     def uses_act_order(self) -> bool:
         return self.method == "gptq" and self.act_order
 
+    def reads_calibration(self, learning: bool = True) -> bool:
+        """Whether any stage reads calibration text: GPTQ, rotation learning (``learning``:
+        rotate="learned" without given rotations) or scale tuning."""
+        return self.method == "gptq" or (learning and self.rotate == "learned") or self.tune.steps > 0
+
     def calibration_windows(self, learning: bool = True) -> int:
         """How many ``seqlen``-token windows to draw: GPTQ's first ``samples``, then scale
         tuning's own windows after them (text GPTQ did not fit), and at least what rotation
@@ -460,7 +465,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
         raise ValueError(f"learned rotations were given, but rotate={opts.rotate!r}: use rotate='learned'")
     learning = opts.rotate == "learned" and rotations is None
     tuning = opts.tune.steps > 0
-    if opts.method == "gptq" or learning or tuning:
+    if opts.reads_calibration(learning):
         if calibration_ids is None:
             raise ValueError("GPTQ, rotation learning and scale tuning need calibration token ids")
         if calibration_ids.dim() != 2 or calibration_ids.dtype != torch.long:
@@ -514,7 +519,7 @@ def quantize_model(model: nn.Module, opts: ConvertOptions, calibration_ids: torc
         del teacher
     model.to(opts.dtype)
     log.info("quantized %d layers (%s, %d-bit, group %d, rotate=%s, tp=%d)", len(layers), opts.method, opts.bits, opts.group_size, opts.rotate, opts.tp)
-    used = tuple(calibration_ids.shape) if opts.method == "gptq" or learning or tuning else None
+    used = tuple(calibration_ids.shape) if opts.reads_calibration(learning) else None
     return QuantizedModel(model, shape, opts, plan, rotations, used, tuned)
 
 
@@ -642,7 +647,7 @@ def convert(
         src = load_source(model_or_path, tokenizer=tokenizer,
                           check=lambda shape: check_sizes(shape, rotate=rotate, tp=tp, group_size=group_size))
         learning = rotate == "learned" and rotations is None
-        calibrated = method == "gptq" or learning or opts.tune.steps > 0
+        calibrated = opts.reads_calibration(learning)
         ids = _calibration_ids(calibration, src.tokenizer, opts, opts.calibration_windows(learning)) if calibrated else None
         log.info("converting %s: %s", src.description, {k: str(v) for k, v in asdict(opts).items()})
         qm = quantize_model(src.model, opts, ids, rotations=rotations)
